@@ -1,0 +1,135 @@
+"""Routing math shared by every layer and kernel.
+
+Trees are stored in heap order: node 0 is the root, the children of node ``i`` are
+``2*i + 1`` (left) and ``2*i + 2`` (right). A row goes right at a node iff the node's
+pre-activation is ``>= 0`` (equivalently, its sigmoid decision is ``>= 0.5``). This rule
+is defined here once and used everywhere.
+
+Shapes: ``B`` rows, ``I`` input features, ``N = 2**d - 1`` decision nodes,
+``L = 2**d`` leaves, ``K`` parallel trees.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "ACTIVATIONS",
+    "get_activation",
+    "go_right",
+    "child_index",
+    "n_nodes",
+    "hard_leaf_index",
+    "mixture_weights",
+    "leaf_paths",
+    "node_reach",
+    "bernoulli_entropy",
+    "neuron_tree_walk",
+]
+
+ACTIVATIONS = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "identity": lambda x: x,
+}
+
+
+def get_activation(name: str):
+    """The elementwise function registered as ``name`` (see ``ACTIVATIONS``)."""
+    return ACTIVATIONS[name]
+
+
+def go_right(logit: torch.Tensor) -> torch.Tensor:
+    """The routing rule: right iff the node's pre-activation is ``>= 0`` (bool tensor)."""
+    return logit >= 0
+
+
+def child_index(node: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """Heap-order child of ``node``: ``2*node + 1 + right``."""
+    return 2 * node + 1 + right.long()
+
+
+def n_nodes(depth: int) -> int:
+    """Decision nodes of an FFF of this depth: ``2**depth - 1``."""
+    return (1 << depth) - 1
+
+
+def hard_leaf_index(x: torch.Tensor, node_w: torch.Tensor, node_b: torch.Tensor, depth: int) -> torch.Tensor:
+    """Hard descent, vectorised over rows. x (B, I), node_w (N, I), node_b (N,) -> leaf (B,) long.
+
+    One gathered dot product per level: O(depth * I) per row.
+    """
+    node = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    for _ in range(depth):
+        logit = torch.einsum("bi,bi->b", x, node_w[node]) + node_b[node]
+        node = child_index(node, go_right(logit))
+    return node - n_nodes(depth)
+
+
+def leaf_paths(depth: int, device=None):
+    """For every leaf, the nodes on its root path and the turns taken.
+
+    Returns (nodes (L, depth) long, right (L, depth) bool): leaf ``j`` is reached by going
+    ``right[j, t]`` at node ``nodes[j, t]`` on level ``t``.
+    """
+    leaves = torch.arange(1 << depth, device=device)
+    nodes = torch.zeros(1 << depth, depth, dtype=torch.long, device=device)
+    right = torch.zeros(1 << depth, depth, dtype=torch.bool, device=device)
+    node = torch.zeros_like(leaves)
+    for t in range(depth):
+        bit = (leaves >> (depth - 1 - t)) & 1
+        nodes[:, t] = node
+        right[:, t] = bit.bool()
+        node = 2 * node + 1 + bit
+    return nodes, right
+
+
+def mixture_weights(p: torch.Tensor, depth: int) -> torch.Tensor:
+    """Soft mixture over leaves. p (B, N) right-probabilities -> (B, L), rows sum to 1.
+
+    Built level by level: each node splits its mass into (1-p) left and p right, so the
+    children of level t are interleaved [left, right] pairs of level t's mass.
+    """
+    mass = p.new_ones(p.shape[0], 1)
+    for t in range(depth):
+        level = p[:, (1 << t) - 1 : (1 << (t + 1)) - 1]  # (B, 2**t)
+        mass = torch.stack((mass * (1 - level), mass * level), dim=-1).flatten(1)
+    return mass
+
+
+def node_reach(p: torch.Tensor, depth: int) -> torch.Tensor:
+    """Probability mass reaching each decision node. p (B, N) -> (B, N); root reach is 1."""
+    reach = [p.new_ones(p.shape[0], 1)]
+    for t in range(depth - 1):
+        level = p[:, (1 << t) - 1 : (1 << (t + 1)) - 1]
+        reach.append(torch.stack((reach[-1] * (1 - level), reach[-1] * level), dim=-1).flatten(1))
+    return torch.cat(reach, dim=1) if depth > 0 else p.new_zeros(p.shape[0], 0)
+
+
+def bernoulli_entropy(p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Elementwise entropy (nats) of a Bernoulli(p); p clamped to [eps, 1-eps]."""
+    p = p.clamp(eps, 1 - eps)
+    return -(p * p.log() + (1 - p) * (1 - p).log())
+
+
+def neuron_tree_walk(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, depth: int):
+    """Sign-routed descent of K neuron trees, vectorised over rows and trees.
+
+    x (B, I), w_in (K, M, I), b_in (K, M) with M = 2**(depth+1) - 1.
+    Returns (nodes (B, K, depth+1) long, pre-activations (B, K, depth+1)); differentiable
+    in x, w_in and b_in through the visited neurons only.
+    """
+    B, K = x.shape[0], w_in.shape[0]
+    tree = torch.arange(K, device=x.device).expand(B, K)
+    node = torch.zeros(B, K, dtype=torch.long, device=x.device)
+    nodes, acts = [], []
+    for _ in range(depth + 1):
+        a = torch.einsum("bi,bki->bk", x, w_in[tree, node]) + b_in[tree, node]
+        nodes.append(node)
+        acts.append(a)
+        node = child_index(node, go_right(a))
+    return torch.stack(nodes, dim=-1), torch.stack(acts, dim=-1)

@@ -1,0 +1,92 @@
+"""Slow, obviously-correct forwards: one Python tree walk per row.
+
+Used only by tests (as the ground truth for every fast path) and as the per-sample-loop
+baseline in benchmarks. Shapes: x (B, I); FFF node_w (N, I), node_b (N,), w1 (L, I, H),
+b1 (L, H), w2 (L, H, O), b2 (L, O); NeuronTree w_in (K, M, I), b_in (K, M), w_out (K, M, O),
+b_out (O,) or None.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..functional import get_activation, go_right
+
+
+def _depth_of(n_leaves: int) -> int:
+    return n_leaves.bit_length() - 1
+
+
+def fff_hard(x, node_w, node_b, w1, b1, w2, b2, activation: str) -> torch.Tensor:
+    """Hard FFF inference: walk each row to one leaf, evaluate only that leaf. -> (B, O)."""
+    act = get_activation(activation)
+    depth = _depth_of(w1.shape[0])
+    rows = []
+    for row in x:
+        node = 0
+        for _ in range(depth):
+            node = 2 * node + 1 + int(go_right(row @ node_w[node] + node_b[node]))
+        leaf = node - len(node_b)
+        rows.append(act(row @ w1[leaf] + b1[leaf]) @ w2[leaf] + b2[leaf])
+    return torch.stack(rows) if rows else x.new_zeros(0, w2.shape[-1])
+
+
+def fff_soft(x, node_w, node_b, w1, b1, w2, b2, activation: str, p=None) -> torch.Tensor:
+    """Soft FFF (training forward): every leaf weighted by the product of the decisions on its
+    root path. ``p`` (B, N) overrides the decisions sigmoid(x·w + b). -> (B, O)."""
+    act = get_activation(activation)
+    depth = _depth_of(w1.shape[0])
+    if p is None:
+        p = torch.sigmoid(x @ node_w.T + node_b)
+
+    def leaf_weight(b: int, leaf: int):
+        weight, node = 1.0, 0
+        for t in range(depth):
+            right = (leaf >> (depth - 1 - t)) & 1
+            weight = weight * (p[b, node] if right else 1 - p[b, node])
+            node = 2 * node + 1 + right
+        return weight
+
+    rows = [sum(leaf_weight(b, leaf) * (act(row @ w1[leaf] + b1[leaf]) @ w2[leaf] + b2[leaf])
+                for leaf in range(w1.shape[0]))
+            for b, row in enumerate(x)]
+    return torch.stack(rows) if rows else x.new_zeros(0, w2.shape[-1])
+
+
+def neuron_tree_visits(x, w_in, b_in) -> torch.Tensor:
+    """Visited node per row, tree and level by a per-row walk. -> (B, K, D+1) long."""
+    depth = _depth_of(w_in.shape[1] + 1) - 1
+    visits = torch.zeros(x.shape[0], w_in.shape[0], depth + 1, dtype=torch.long)
+    for b, row in enumerate(x):
+        for k in range(w_in.shape[0]):
+            node = 0
+            for t in range(depth + 1):
+                visits[b, k, t] = node
+                node = 2 * node + 1 + int(go_right(row @ w_in[k, node] + b_in[k, node]))
+    return visits
+
+
+def neuron_tree(x, w_in, b_in, w_out, b_out, activation: str) -> torch.Tensor:
+    """NeuronTree forward: per row and tree, add act(x·w_in[n] + b_in[n]) · w_out[n] for every
+    visited node n. -> (B, O)."""
+    act = get_activation(activation)
+    visits = neuron_tree_visits(x, w_in, b_in)
+    rows = []
+    for b, row in enumerate(x):
+        out = w_out.new_zeros(w_out.shape[-1]) if b_out is None else b_out.clone()
+        for k in range(w_in.shape[0]):
+            for node in visits[b, k].tolist():
+                out = out + act(row @ w_in[k, node] + b_in[k, node]) * w_out[k, node]
+        rows.append(out)
+    return torch.stack(rows) if rows else x.new_zeros(0, w_out.shape[-1])
+
+
+def neuron_tree_masked_dense(x, w_in, b_in, w_out, b_out, activation: str) -> torch.Tensor:
+    """UltraFastBERT's training formulation: all K·M neurons computed densely, multiplied by a
+    0/1 mask of the visited ones. Differentiable; the gradient ground truth. -> (B, O)."""
+    act = get_activation(activation)
+    visits = neuron_tree_visits(x, w_in, b_in)
+    mask = torch.zeros(x.shape[0], *w_in.shape[:2], dtype=x.dtype)
+    mask.scatter_(2, visits, 1.0)
+    h = act(torch.einsum("bi,kmi->bkm", x, w_in) + b_in) * mask
+    y = torch.einsum("bkm,kmo->bo", h, w_out)
+    return y if b_out is None else y + b_out

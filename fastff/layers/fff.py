@@ -1,0 +1,162 @@
+"""Fast feedforward layer (Belcak & Wattenhofer, arXiv 2308.14711)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .._checks import check_choice, check_fraction, check_int
+from .. import kernels
+from ..functional import (ACTIVATIONS, bernoulli_entropy, get_activation, go_right, child_index,
+                          mixture_weights, n_nodes, node_reach)
+from ._base import RoutedLayer
+from .dense import DenseFF
+
+MASTER_LEAF = (None, "scalar", "token")
+USAGE = (None, "soft", "hard")
+
+
+def _uniform(shape, fan_in: int) -> nn.Parameter:
+    bound = 1.0 / math.sqrt(fan_in)
+    return nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
+
+
+class FFF(RoutedLayer):
+    """A binary tree of ``2**depth - 1`` single-neuron decision nodes over ``2**depth`` leaves,
+    each leaf a ``in -> leaf_width -> out`` MLP. x (..., in_features) -> (..., out_features).
+
+    - train mode: soft mixture over all leaves, leaf weight = product of sigmoid decisions
+      on its path; ``region_leak`` swaps each (row, node) decision p -> 1-p with that
+      probability; ``train_hardened`` rounds the decisions (nodes then get no gradient).
+    - eval mode: hard descent (right iff x·w + b >= 0), only the reached leaf is evaluated;
+      runs on the backend chosen by ``backend`` or ``fastff.set_backend``.
+    - ``master_leaf``: an always-on dense leaf of ``master_width`` neurons (default
+      ``leaf_width``) blended as ``g·tree(x) + (1-g)·master(x)``, with ``g = sigmoid(k)`` for
+      one trainable scalar (``"scalar"``) or ``g = sigmoid(x·u + c)`` per row (``"token"``).
+    - ``usage``: accumulate leaf/node usage in training forwards into the buffers
+      ``leaf_usage`` (L,) and ``node_usage`` (N,): ``"soft"`` sums mixture / reach
+      probabilities, ``"hard"`` counts hard paths. ``reset_usage()`` zeroes them.
+
+    Parameters: node_w (N, in), node_b (N,), w1 (L, in, leaf_width), b1 (L, leaf_width),
+    w2 (L, leaf_width, out), b2 (L, out); all uniform ±1/sqrt(fan_in).
+    """
+
+    def __init__(self, in_features: int, out_features: int, depth: int, leaf_width: int,
+                 activation: str = "relu", dropout: float = 0.0, region_leak: float = 0.0,
+                 train_hardened: bool = False, master_leaf: str | None = None,
+                 usage: str | None = None, master_width: int | None = None,
+                 backend: str | None = None):
+        super().__init__()
+        self.in_features = check_int("in_features", in_features, 1)
+        self.out_features = check_int("out_features", out_features, 1)
+        self.depth = check_int("depth", depth, 0, 30)
+        self.leaf_width = check_int("leaf_width", leaf_width, 1)
+        self.activation = check_choice("activation", activation, tuple(ACTIVATIONS))
+        self.dropout = check_fraction("dropout", dropout)
+        self.region_leak = check_fraction("region_leak", region_leak)
+        self.train_hardened = bool(train_hardened)
+        self.master_leaf = check_choice("master_leaf", master_leaf, MASTER_LEAF)
+        self.usage = check_choice("usage", usage, USAGE)
+        self.backend = None if backend is None else check_choice("backend", backend, ("auto", *kernels.BACKENDS))
+        N, L, H = n_nodes(depth), 1 << depth, leaf_width
+        self.node_w = _uniform((N, in_features), in_features)
+        self.node_b = _uniform((N,), in_features)
+        self.w1 = _uniform((L, in_features, H), in_features)
+        self.b1 = _uniform((L, H), in_features)
+        self.w2 = _uniform((L, H, out_features), H)
+        self.b2 = _uniform((L, out_features), H)
+        self.master = None
+        if master_leaf is not None:
+            width = leaf_width if master_width is None else check_int("master_width", master_width, 1)
+            self.master = DenseFF(in_features, out_features, width, activation)
+            self.gate = nn.Linear(in_features, 1) if master_leaf == "token" else nn.Parameter(torch.zeros(1))
+            if master_leaf == "token":
+                nn.init.zeros_(self.gate.weight)
+                nn.init.zeros_(self.gate.bias)
+        if usage is not None:
+            self.register_buffer("leaf_usage", torch.zeros(L))
+            self.register_buffer("node_usage", torch.zeros(N))
+
+    @property
+    def n_leaves(self) -> int:
+        return 1 << self.depth
+
+    @property
+    def training_width(self) -> int:
+        """Leaf neurons trained: ``2**depth * leaf_width`` (the paper's width w)."""
+        return self.n_leaves * self.leaf_width
+
+    @property
+    def neurons_per_inference(self) -> int:
+        """Neurons evaluated per row in eval: depth nodes + one leaf (+ master leaf and gate)."""
+        extra = 0 if self.master is None else self.master.hidden + (self.master_leaf == "token")
+        return self.depth + self.leaf_width + extra
+
+    def reset_usage(self) -> None:
+        """Zero the usage counters (no-op without ``usage``)."""
+        if self.usage is not None:
+            self.leaf_usage.zero_()
+            self.node_usage.zero_()
+
+    def _forward_2d(self, x: torch.Tensor) -> torch.Tensor:
+        tree = self._soft(x) if self.training else kernels.resolve(self.backend, x).fff_hard(
+            x, self.node_w, self.node_b, self.w1, self.b1, self.w2, self.b2, self.activation)
+        if self.master is None:
+            return tree
+        g = torch.sigmoid(self.gate(x) if self.master_leaf == "token" else self.gate)
+        return g * tree + (1 - g) * self.master(x)
+
+    def _soft(self, x: torch.Tensor) -> torch.Tensor:
+        """Training forward: soft mixture over all leaves; records ``aux`` and usage."""
+        logits = x @ self.node_w.T + self.node_b                      # (B, N)
+        p = torch.sigmoid(logits)
+        if self.region_leak > 0:
+            p = torch.where(torch.rand_like(p) < self.region_leak, 1 - p, p)
+        if self.train_hardened:
+            p = go_right(p - 0.5).to(p.dtype)
+        mix = mixture_weights(p, self.depth)                           # (B, L)
+        h = get_activation(self.activation)(torch.einsum("bi,lih->blh", x, self.w1) + self.b1)
+        h = nn.functional.dropout(h, self.dropout, training=True)
+        y = torch.einsum("blh,lho->bo", h * mix[..., None], self.w2) + mix @ self.b2
+        self._record(logits, p, mix)
+        return y
+
+    @torch.no_grad()
+    def _hard_leaf(self, logits: torch.Tensor) -> torch.Tensor:
+        """Hard leaf per row from precomputed node logits (B, N) -> (B,) long."""
+        node = logits.new_zeros(logits.shape[0], dtype=torch.long)
+        for _ in range(self.depth):
+            node = child_index(node, go_right(logits.gather(1, node[:, None])[:, 0]))
+        return node - n_nodes(self.depth)
+
+    def _record(self, logits: torch.Tensor, p: torch.Tensor, mix: torch.Tensor) -> None:
+        entropy = bernoulli_entropy(p)                                 # (B, N)
+        reach = node_reach(p, self.depth).detach()
+        leaf = self._hard_leaf(logits)
+        counts = torch.bincount(leaf, minlength=self.n_leaves).to(mix.dtype)
+        self.aux = {
+            "node_entropy": entropy.mean(0),                           # (N,)
+            "reach_entropy": (reach * entropy).mean(0),                # (N,)
+            "route_fraction": counts / max(1, logits.shape[0]),         # (L,) hard, no grad
+            "route_prob": mix.mean(0),                                 # (L,)
+        }
+        if self.usage == "soft":
+            self.leaf_usage += mix.detach().sum(0).to(self.leaf_usage.dtype)
+            self.node_usage += reach.sum(0).to(self.node_usage.dtype)
+        elif self.usage == "hard":
+            self.leaf_usage += counts.to(self.leaf_usage.dtype)
+            node = leaf + n_nodes(self.depth)
+            for _ in range(self.depth):
+                node = (node - 1) // 2
+                self.node_usage += torch.bincount(node, minlength=n_nodes(self.depth)).to(self.node_usage.dtype)
+
+    def extra_repr(self) -> str:
+        opts = [f"in_features={self.in_features}", f"out_features={self.out_features}",
+                f"depth={self.depth}", f"leaf_width={self.leaf_width}", f"activation={self.activation!r}"]
+        for name, default in (("dropout", 0.0), ("region_leak", 0.0), ("train_hardened", False),
+                              ("master_leaf", None), ("usage", None), ("backend", None)):
+            if getattr(self, name) != default:
+                opts.append(f"{name}={getattr(self, name)!r}")
+        return ", ".join(opts)
+
