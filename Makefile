@@ -5,20 +5,27 @@ PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip install -c constraints.txt
 STAMP   = $(VENV)/.installed
 
-.PHONY: install demo test test-slow clean
+FASHION = /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: install demo test test-slow data clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) -q --upgrade pip
 	$(PIP) -q -e '.[test,data,models,onnx]'
 	touch $@
 
 install: $(STAMP)
 
+# FashionMNIST (70k) for `fastff train/experiment` comes from Debian; installed when missing and apt is usable.
+data:
+	@test -f $(FASHION) || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] \
+	  && (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) \
+	  || echo "warning: FashionMNIST missing; install it with: apt-get update && apt-get install -y dataset-fashion-mnist"; }
+
 demo: install
 	$(VENV)/bin/fastff demo
 
-test: install
+test: install data
 	$(PY) -m pytest -q
 
 test-slow: install

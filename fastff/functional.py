@@ -110,10 +110,10 @@ def node_reach(p: torch.Tensor, depth: int) -> torch.Tensor:
     return torch.cat(reach, dim=1) if depth > 0 else p.new_zeros(p.shape[0], 0)
 
 
-def bernoulli_entropy(p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Elementwise entropy (nats) of a Bernoulli(p); p clamped to [eps, 1-eps]."""
-    p = p.clamp(eps, 1 - eps)
-    return -(p * p.log() + (1 - p) * (1 - p).log())
+def bernoulli_entropy(logit: torch.Tensor) -> torch.Tensor:
+    """Elementwise entropy (nats) of Bernoulli(sigmoid(logit)), computed stably from the logit:
+    ``H = softplus(z) - z·sigmoid(z)``; exactly 0 for saturated decisions, symmetric in z."""
+    return F.softplus(logit) - logit * torch.sigmoid(logit)
 
 
 def neuron_tree_walk(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, depth: int):

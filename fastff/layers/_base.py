@@ -1,10 +1,12 @@
-"""What all routed layers share: leading-dims handling and the auxiliary-loss record."""
+"""What all routed layers share: leading-dims handling, input checks, the auxiliary-loss record
+and the recorded constructor arguments that ``fastff.save`` / ``fastff.load`` rebuild from."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 from .._checks import ShapeCheckedLoad, check_input
+from ..io import serializable
 
 
 class RoutedLayer(ShapeCheckedLoad, nn.Module):
@@ -14,10 +16,21 @@ class RoutedLayer(ShapeCheckedLoad, nn.Module):
     validates the input and restores leading batch dims, like ``nn.Linear``. After a training
     forward, ``self.aux`` holds only what the auxiliary losses need (small per-node / per-leaf
     vectors, see ``fastff.training.losses``); it is ``{}`` before the first training forward.
+
+    ``check_finite``: ``None`` (default) follows ``fastff.set_check_finite``; ``True`` makes a
+    NaN / inf input raise ``ValueError``; ``False`` lets it propagate like ``nn.Linear``.
+    On the ``meta`` device the forward infers the output shape where the computation allows
+    it; layers whose forward needs data there (routing statistics) raise ``ValueError``.
+    Subclasses are registered with ``fastff.io.serializable`` (constructor arguments recorded).
     """
 
     in_features: int
     out_features: int
+    check_finite: bool | None = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        serializable(cls)
 
     def __init__(self):
         super().__init__()
@@ -26,8 +39,17 @@ class RoutedLayer(ShapeCheckedLoad, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(self, x, self.in_features)
         lead = x.shape[:-1]
-        y = self._forward_2d(x.reshape(-1, self.in_features))
+        x2 = x.reshape(-1, self.in_features)
+        y = self._forward_meta(x2) if x.is_meta else self._forward_2d(x2)
         return y.reshape(*lead, self.out_features)
+
+    def _forward_meta(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            return self._forward_2d(x)
+        except NotImplementedError as e:
+            mode = "training" if self.training else "eval"
+            raise ValueError(f"{type(self).__name__} cannot run in {mode} mode on the 'meta' device: this "
+                             f"forward needs data-dependent results (routing counts); use a real device") from e
 
     def _forward_2d(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
