@@ -131,7 +131,7 @@ class FFF(RoutedLayer):
         return node - n_nodes(self.depth)
 
     def _record(self, logits: torch.Tensor, p: torch.Tensor, mix: torch.Tensor) -> None:
-        entropy = bernoulli_entropy(p)                                 # (B, N)
+        entropy = bernoulli_entropy(logits)                            # (B, N)
         reach = node_reach(p, self.depth).detach()
         leaf = self._hard_leaf(logits)
         counts = torch.bincount(leaf, minlength=self.n_leaves).to(mix.dtype)
