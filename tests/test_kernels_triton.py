@@ -65,3 +65,14 @@ def test_triton_errors(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         T.fff_hard(torch.randn(2, 3), *params, "relu")
+
+
+def test_triton_backend_is_registered_and_runs_a_layer():
+    import fastff
+
+    torch.manual_seed(1)
+    layer = fastff.NeuronTree(9, 4, 3, trees=2, backend="triton").eval()
+    x = torch.randn(3, 2, 9)
+    with torch.no_grad():
+        expected = R.neuron_tree(x.reshape(-1, 9), layer.w_in, layer.b_in, layer.w_out, layer.b_out, "gelu")
+        torch.testing.assert_close(layer(x).reshape(-1, 4), expected, rtol=1e-5, atol=1e-5)

@@ -5,16 +5,39 @@ Backends implement ``fff_hard(x, node_w, node_b, w1, b1, w2, b2, activation)`` a
 
 - ``"reference"``: per-row Python walk (slow, obviously correct; tests and baselines);
 - ``"torch"``: vectorised gathers, any device, differentiable;
-- ``"auto"`` (default): the fastest backend available for the tensor at hand.
+- ``"cpu"``: numba kernels (``fastff.kernels.cpu``), CPU float32/float64, inference only;
+  registered as the ops ``torch.ops.fastff.fff_hard`` / ``torch.ops.fastff.neuron_tree_hard``;
+- ``"triton"``: Triton GPU kernels (``fastff.kernels.triton``, imported on first use), CUDA
+  tensors, inference only; runs on CPU tensors in Triton's interpreter when ``TRITON_INTERPRET=1``;
+- ``"auto"`` (default): ``"cpu"`` when it applies — every tensor on the CPU in float32/float64
+  and no gradient needed (grad mode off, e.g. ``torch.no_grad()`` / ``torch.inference_mode()``,
+  or nothing requires grad) — ``"triton"`` for CUDA tensors that need no gradient when Triton is
+  installed, else ``"torch"``.
 """
 from __future__ import annotations
 
-from types import ModuleType
+import importlib
+import importlib.util
+
+import torch
 
 from .._checks import check_choice
-from . import reference, vectorized
+from . import cpu, reference, vectorized
 
-BACKENDS: dict[str, ModuleType] = {"reference": reference, "torch": vectorized}
+
+
+class _LazyModule:
+    """A backend module imported on first attribute access (Triton is slow to import)."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr):
+        return getattr(importlib.import_module(self._name), attr)
+
+
+triton = _LazyModule("fastff.kernels.triton")
+BACKENDS = {"reference": reference, "torch": vectorized, "cpu": cpu, "triton": triton}
 _default = "auto"
 
 
@@ -29,9 +52,52 @@ def get_backend() -> str:
     return _default
 
 
-def resolve(backend: str | None, x) -> ModuleType:
-    """The backend module that runs ``x``: ``backend`` if given, else the global default."""
+def cpu_applies(*tensors) -> bool:
+    """Whether ``"auto"`` runs these tensors (None skipped) on the ``"cpu"`` kernels."""
+    present = [t for t in tensors if t is not None]
+    if any(t.device.type != "cpu" or t.dtype not in cpu.DTYPES for t in present):
+        return False
+    if len({t.dtype for t in present}) > 1:
+        return False
+    return not _needs_grad(present)
+
+
+def triton_applies(*tensors) -> bool:
+    """Whether ``"auto"`` runs these tensors (None skipped) on the ``"triton"`` kernels."""
+    present = [t for t in tensors if t is not None]
+    return (all(t.is_cuda for t in present) and not _needs_grad(present)
+            and importlib.util.find_spec("triton") is not None)
+
+
+def _needs_grad(tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _pick(tensors):
+    if cpu_applies(*tensors):
+        return cpu
+    return triton if triton_applies(*tensors) else vectorized
+
+
+class _Auto:
+    """Backend ``"auto"``: picks ``cpu``, ``triton`` or ``torch`` per call, looking at every tensor."""
+
+    @staticmethod
+    def fff_hard(x, node_w, node_b, w1, b1, w2, b2, activation: str) -> torch.Tensor:
+        tensors = (x, node_w, node_b, w1, b1, w2, b2)
+        return _pick(tensors).fff_hard(*tensors, activation)
+
+    @staticmethod
+    def neuron_tree(x, w_in, b_in, w_out, b_out, activation: str) -> torch.Tensor:
+        tensors = (x, w_in, b_in, w_out, b_out)
+        return _pick(tensors).neuron_tree(*tensors, activation)
+
+
+AUTO = _Auto()
+
+
+def resolve(backend: str | None, x):
+    """The backend that runs ``x``: ``backend`` if given, else the global default. ``"auto"``
+    returns a dispatcher that chooses per call (see the module docstring)."""
     name = check_choice("backend", backend or _default, ("auto", *BACKENDS))
-    if name == "auto":
-        name = "torch"
-    return BACKENDS[name]
+    return AUTO if name == "auto" else BACKENDS[name]

@@ -1,0 +1,78 @@
+"""Latency path vs throughput path of the numba kernels, single thread, CPU time per row.
+
+    .venv/bin/python benchmarks/kernel_paths.py [--rows 4096] [--dim 768]
+
+Thread CPU time (``time.thread_time``) with one numba thread, so other processes on a shared
+machine inflate the numbers less than wall-clock time would. Best of 7, interleaved.
+NeuronTree 1x11 and FFF depth 8 / leaf 16, GELU, float32.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numba
+import numpy as np
+import torch
+
+import fastff
+from fastff.kernels import cpu
+
+
+def best_cpu_time(fns: dict, repeats: int = 7) -> dict:
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.thread_time()
+            fn()
+            times[name].append(time.thread_time() - t)
+    return {name: min(ts) for name, ts in times.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=4096)
+    p.add_argument("--dim", type=int, default=768)
+    args = p.parse_args()
+    numba.set_num_threads(1)
+    torch.manual_seed(0)
+    B, d, code = args.rows, args.dim, cpu.ACT_CODES["gelu"]
+    x = torch.randn(B, d).numpy()
+    out = np.empty((B, d), np.float32)
+
+    nt = fastff.NeuronTree(d, d, 11, 1)
+    wi, bi, wo, bo = cpu.weights_np(nt.w_in, nt.b_in, nt.w_out, nt.b_out)
+    split = cpu.nt_split(12, (d + d) * 4)
+    fns = {"per-row walk": lambda: cpu._nt_serial(x, wi, bi, wo, bo, 12, code, out)}
+    for s in sorted({split - 2, split, split + 1} & set(range(1, 12))):
+        fns[f"subtree groups, split {s}" + (" (auto)" if s == split else "")] = \
+            (lambda s: lambda: cpu._nt_throughput(x, wi, bi, wo, bo, 12, s, cpu.NT_TILE, code, out))(s)
+    same = np.repeat(x[:1], B, axis=0)
+    fns["per-row walk, every row on one path"] = lambda: cpu._nt_serial(same, wi, bi, wo, bo, 12, code, out)
+    report("NeuronTree 1x11", best_cpu_time(fns), B)
+
+    ff = fastff.FFF(d, d, 8, 16, activation="gelu")
+    w = cpu.weights_np(ff.node_w, ff.node_b, ff.w1, ff.b1, ff.w2, ff.b2)
+    leaf = np.empty(B, np.int64)
+
+    def tiles():
+        cpu._fff_route(x, w[0], w[1], 8, leaf)
+        order, t = cpu._group_tiles(leaf, 256, cpu.LEAF_TILE)
+        cpu._fff_tiles(x, *w[2:], code, order, t, out)
+
+    fns = {"per-row walk": lambda: cpu._fff_serial(x, w[0], w[1], 8, *w[2:], code, out),
+           "routing pass only": lambda: cpu._fff_route(x, w[0], w[1], 8, leaf),
+           "leaf-grouped tiles (route + sort + tiles)": tiles}
+    report("FFF depth 8 leaf 16", best_cpu_time(fns), B)
+
+
+def report(title: str, times: dict, rows: int) -> None:
+    print(f"{title}, {rows} rows, 1 thread: CPU time per row")
+    for name, t in times.items():
+        print(f"  {name:45s} {t / rows * 1e9:8.0f} ns/row   ({t * 1e3:.2f} ms)")
+
+
+if __name__ == "__main__":
+    main()

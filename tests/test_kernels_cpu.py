@@ -1,0 +1,244 @@
+"""The numba CPU kernels (backend "cpu", issue 3) against the per-row reference walks."""
+from contextlib import ExitStack
+from unittest import mock
+
+import numba
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import fastff
+from fastff import kernels
+from fastff.functional import ACTIVATIONS
+from fastff.kernels import cpu, reference as R
+
+# (THROUGHPUT_MIN_ROWS, PARALLEL_MIN_BYTES, SUBTREE_BYTES) forcing each code path whatever the
+# batch size; the NeuronTree throughput path then groups rows on the deepest possible level.
+PATHS = {"serial": (1 << 40, 1 << 40, 1 << 19), "parallel": (1 << 40, 0, 1 << 19), "throughput": (0, 0, 0)}
+LEADING = [(0,), (1,), (7,), (2, 3, 5), (40,)]
+
+
+def forced_path(path: str) -> ExitStack:
+    stack = ExitStack()
+    for name, value in zip(("THROUGHPUT_MIN_ROWS", "PARALLEL_MIN_BYTES", "SUBTREE_BYTES"), PATHS[path]):
+        stack.enter_context(mock.patch.object(cpu, name, value))
+    return stack
+
+
+def fff_params(f):
+    return f.node_w, f.node_b, f.w1, f.b1, f.w2, f.b2
+
+
+def nt_params(n):
+    return n.w_in, n.b_in, n.w_out, n.b_out
+
+
+def margins(x, w, b, depth):
+    """Smallest |pre-activation| (float64) on each row's path through one tree (w (M, I), b (M,)):
+    rows this close to a hyperplane may route differently under float32 rounding."""
+    x, w, b = x.double(), w.double(), b.double()
+    margin = torch.full((x.shape[0],), float("inf"), dtype=torch.float64)
+    node = torch.zeros(x.shape[0], dtype=torch.long)
+    for _ in range(depth):
+        a = (x * w[node]).sum(-1) + b[node]
+        margin = torch.minimum(margin, a.abs())
+        node = 2 * node + 1 + (a >= 0).long()
+    return margin
+
+
+def assert_matches(y, ref, keep):
+    """y == ref within 1e-5 relative (to the output scale) on the rows in ``keep``."""
+    y, ref = y[keep].double(), ref[keep]
+    scale = max(1.0, ref.abs().max().item()) if ref.numel() else 1.0
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * scale)
+
+
+def make_input(shape, d_in, dtype, contiguous):
+    """x of shape (*shape, d_in); a strided view when not ``contiguous``."""
+    if contiguous:
+        return torch.randn(*shape, d_in, dtype=dtype)
+    return torch.randn(*shape, 2 * d_in, dtype=dtype)[..., ::2]
+
+
+@given(depth=st.integers(0, 7), leaf=st.integers(1, 20), d_in=st.integers(1, 24), d_out=st.integers(1, 9),
+       shape=st.sampled_from(LEADING), dtype=st.sampled_from([torch.float32, torch.float64]),
+       activation=st.sampled_from(sorted(ACTIVATIONS)), contiguous=st.booleans(),
+       path=st.sampled_from(sorted(PATHS)), seed=st.integers(0, 2**16))
+def test_fff_cpu_matches_reference(depth, leaf, d_in, d_out, shape, dtype, activation, contiguous, path, seed):
+    torch.manual_seed(seed)
+    f = fastff.FFF(d_in, d_out, depth, leaf, activation=activation, backend="cpu").to(dtype).eval()
+    x = make_input(shape, d_in, dtype, contiguous)
+    with torch.no_grad(), forced_path(path):
+        y = f(x)
+    x2 = x.reshape(-1, d_in)
+    ref = R.fff_hard(x2.double(), *(p.detach().double() for p in fff_params(f)), activation)
+    assert y.shape == (*shape, d_out) and y.dtype == dtype
+    keep = margins(x2, f.node_w, f.node_b, depth) > 1e-4
+    assert_matches(y.reshape(-1, d_out), ref, keep)
+
+
+@given(depth=st.integers(0, 6), trees=st.integers(1, 3), d_in=st.integers(1, 24), d_out=st.integers(1, 9),
+       shape=st.sampled_from(LEADING), dtype=st.sampled_from([torch.float32, torch.float64]),
+       activation=st.sampled_from(sorted(ACTIVATIONS)), bias=st.booleans(), contiguous=st.booleans(),
+       path=st.sampled_from(sorted(PATHS)), seed=st.integers(0, 2**16))
+def test_neuron_tree_cpu_matches_reference(depth, trees, d_in, d_out, shape, dtype, activation, bias, contiguous,
+                                           path, seed):
+    torch.manual_seed(seed)
+    n = fastff.NeuronTree(d_in, d_out, depth, trees, activation=activation, bias=bias, backend="cpu")
+    n = n.to(dtype).eval()
+    x = make_input(shape, d_in, dtype, contiguous)
+    with torch.no_grad(), forced_path(path):
+        y = n(x)
+    x2 = x.reshape(-1, d_in)
+    params = [None if p is None else p.detach().double() for p in nt_params(n)]
+    ref = R.neuron_tree(x2.double(), *params, activation)
+    assert y.shape == (*shape, d_out) and y.dtype == dtype
+    keep = torch.stack([margins(x2, n.w_in[k], n.b_in[k], depth + 1) for k in range(trees)]).amin(0) > 1e-4
+    assert_matches(y.reshape(-1, d_out), ref, keep)
+
+
+@given(depth=st.integers(1, 6), trees=st.integers(1, 3), rows=st.integers(1, 50), seed=st.integers(0, 2**16))
+def test_neuron_tree_throughput_equals_walk_at_every_split(depth, trees, rows, seed):
+    """Grouping rows on any level gives bit-identical results to the per-row walk."""
+    torch.manual_seed(seed)
+    n = fastff.NeuronTree(12, 5, depth, trees)
+    x = torch.randn(rows, 12).numpy()
+    w_in, b_in, w_out, b_out = (p.detach().numpy() for p in nt_params(n))
+    walk = torch.empty(rows, 5).numpy()
+    cpu._nt_serial(x, w_in, b_in, w_out, b_out, depth + 1, 1, walk)
+    for split in range(1, depth + 1):
+        out = torch.empty(rows, 5).numpy()
+        cpu._nt_throughput(x, w_in, b_in, w_out, b_out, depth + 1, split, 4, 1, out)
+        assert (out == walk).all()
+
+
+def test_nt_split():
+    assert cpu.nt_split(12, 6144) == 6          # 1x11 at dim 768: 63-neuron subtrees, 378 KB
+    assert cpu.nt_split(4, 6144) == 0           # the whole tree fits
+    assert cpu.nt_split(1, 6144) == 0
+
+
+@pytest.mark.parametrize("layer", ["fff", "neuron-tree"])
+def test_depth_15(layer):
+    torch.manual_seed(0)
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        if layer == "fff":
+            m = fastff.FFF(4, 3, 15, 2, backend="cpu").eval()
+            ref = R.fff_hard(x.double(), *(p.double() for p in fff_params(m)), m.activation)
+            keep = margins(x, m.node_w, m.node_b, 15) > 1e-4
+        else:
+            m = fastff.NeuronTree(4, 3, 15, backend="cpu").eval()
+            ref = R.neuron_tree(x.double(), *(p.double() for p in nt_params(m)), m.activation)
+            keep = margins(x, m.w_in[0], m.b_in[0], 16) > 1e-4
+        assert_matches(m(x), ref, keep)
+
+
+@pytest.mark.parametrize("path", ["parallel", "throughput"])
+def test_same_result_with_one_and_two_threads(path):
+    torch.manual_seed(1)
+    f = fastff.FFF(32, 8, 5, 16, backend="cpu").eval()
+    n = fastff.NeuronTree(32, 8, 6, 2, backend="cpu").eval()
+    x = torch.randn(300, 32)
+    before = numba.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
+            numba.set_num_threads(threads)
+            with torch.no_grad(), forced_path(path):
+                outs.append((f(x), n(x)))
+    finally:
+        numba.set_num_threads(before)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+def test_non_cpu_tensor_is_a_clear_error():
+    x = torch.empty(2, 4, device="meta")
+    with pytest.raises(ValueError, match="CPU tensors only.*meta"):
+        cpu.check_tensors(x)
+    n = fastff.NeuronTree(4, 3, 2).eval()
+    with pytest.raises(ValueError, match="CPU tensors only"):
+        cpu.neuron_tree(x, *nt_params(n), "gelu")
+    with pytest.raises(ValueError, match="CPU tensors only"):
+        cpu.check_tensors(torch.zeros(1), mock.Mock(device=torch.device("cuda", 0), is_cpu=False,
+                                                          dtype=torch.float32))
+
+
+def test_bad_dtype_and_activation_are_clear_errors():
+    n = fastff.NeuronTree(4, 3, 2).eval()
+    with pytest.raises(TypeError, match="float32 and float64"):
+        cpu.neuron_tree(torch.zeros(2, 4, dtype=torch.float16), *(p.half() for p in nt_params(n)), "gelu")
+    with pytest.raises(TypeError, match="one dtype"):
+        cpu.neuron_tree(torch.zeros(2, 4, dtype=torch.float64), *nt_params(n), "gelu")
+    with pytest.raises(ValueError, match="activation must be one of"):
+        cpu.neuron_tree(torch.zeros(2, 4), *nt_params(n), "swish")
+
+
+def test_weight_updates_are_seen():
+    """The cached numpy views follow in-place updates and replaced parameter data."""
+    torch.manual_seed(2)
+    f = fastff.FFF(6, 3, 2, 4, backend="cpu").eval()
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        f(x)
+        f.b2.add_(1.0)
+        assert_matches(f(x), R.fff_hard(x.double(), *(p.double() for p in fff_params(f)), f.activation), slice(None))
+        f.w2.data = torch.randn_like(f.w2)
+        assert_matches(f(x), R.fff_hard(x.double(), *(p.double() for p in fff_params(f)), f.activation), slice(None))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_auto_uses_cpu_kernels_for_inference_only(dtype):
+    f = fastff.FFF(8, 3, 3, 4).to(dtype).eval()
+    n = fastff.NeuronTree(8, 3, 3).to(dtype).eval()
+    x = torch.randn(4, 8, dtype=dtype)
+    with mock.patch.object(cpu, "_fff_hard_eager", wraps=cpu._fff_hard_eager) as fk, \
+            mock.patch.object(cpu, "_neuron_tree_eager", wraps=cpu._neuron_tree_eager) as nk:
+        with torch.no_grad():
+            f(x), n(x)
+        assert fk.call_count == 1 and nk.call_count == 1
+        y = f(x)          # grad mode and trainable parameters: the differentiable torch path
+        z = n(x)
+        assert fk.call_count == 1 and nk.call_count == 1
+        assert y.requires_grad and z.requires_grad
+    assert kernels.resolve(None, x) is kernels.AUTO and kernels.resolve("cpu", x) is cpu
+
+
+def test_auto_falls_back_to_torch_off_cpu_dtypes():
+    assert not kernels.cpu_applies(torch.zeros(2, dtype=torch.bfloat16))
+    assert not kernels.cpu_applies(torch.zeros(2), torch.zeros(2, dtype=torch.float64))
+    assert not kernels.cpu_applies(torch.empty(2, device="meta"))
+    assert kernels.cpu_applies(torch.zeros(2), None)
+
+
+def test_export_and_compile_see_one_op():
+    torch.manual_seed(3)
+    f = fastff.FFF(8, 3, 3, 4).eval()
+    n = fastff.NeuronTree(8, 3, 3, 2).eval()
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        for m, op in ((f, torch.ops.fastff.fff_hard.default), (n, torch.ops.fastff.neuron_tree_hard.default)):
+            ep = torch.export.export(m, (x,))
+            targets = [node.target for node in ep.graph.nodes if node.op == "call_function"]
+            assert targets.count(op) == 1
+            torch.testing.assert_close(ep.module()(x), m(x), rtol=0, atol=0)
+        seen = []
+
+        def backend(gm, inputs):
+            seen.extend(node.target for node in gm.graph.nodes if node.op == "call_function")
+            return gm.forward
+
+        y = torch.compile(n, backend=backend, fullgraph=True)(x)
+        assert torch.ops.fastff.neuron_tree_hard.default in seen or torch.ops.fastff.neuron_tree_hard in seen
+        torch.testing.assert_close(y, n(x), rtol=0, atol=0)
+
+
+def test_custom_op_matches_eager():
+    torch.manual_seed(4)
+    f = fastff.FFF(8, 3, 3, 4).eval()
+    x = torch.randn(6, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.ops.fastff.fff_hard(x, *fff_params(f), "relu"),
+                                   cpu.fff_hard(x, *fff_params(f), "relu"), rtol=0, atol=0)
+    torch.library.opcheck(torch.ops.fastff.fff_hard.default, (x, *(p.detach() for p in fff_params(f)), "relu"),
+                          test_utils=("test_schema", "test_faketensor"))
