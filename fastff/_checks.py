@@ -1,24 +1,60 @@
-"""Argument and input validation shared by the public API. Every failure names the argument."""
+"""Argument and input validation shared by the public API. Every failure names the argument.
+
+Error contract of the layers (FFF, NeuronTree, MoE, DenseFF) and losses:
+
+- a bad constructor / function argument (wrong value *or* wrong type, e.g. ``depth=2.5``) raises
+  ``ValueError`` naming the argument and its allowed range or choices;
+- an input that is not a tensor, or has a non-floating dtype or another dtype than the layer's
+  parameters, raises ``TypeError``;
+- an input of the wrong shape, or on another device than the layer, raises ``ValueError``;
+- NaN / inf inputs propagate like in ``nn.Linear`` (a NaN row gives a NaN output row and leaves
+  the other rows untouched). With ``check_finite`` on (``layer.check_finite = True`` for one
+  layer, ``fastff.set_check_finite(True)`` for all layers without their own setting) a
+  non-finite input raises ``ValueError`` instead. The check needs data, so it is skipped for
+  inputs on the ``meta`` device and inside ``torch.compile`` / ``torch.export`` tracing.
+"""
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
+_check_finite = False
+
+
+def set_check_finite(enabled: bool) -> None:
+    """Default of ``check_finite`` for every layer whose own ``check_finite`` is ``None``
+    (the default): when on, a NaN / inf input raises ``ValueError`` instead of propagating."""
+    global _check_finite
+    _check_finite = check_bool("enabled", enabled)
+
+
+def get_check_finite() -> bool:
+    """The global ``check_finite`` default."""
+    return _check_finite
+
 
 def check_int(name: str, value, low: int, high: int | None = None) -> int:
-    """``value`` must be an int in [low, high]; returns it."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    """``value`` must be an integer (Python or NumPy, not bool) in [low, high]; returns it as int."""
+    span = f">= {low}" if high is None else f"in [{low}, {high}]"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer {span}, got {value!r}")
     if value < low or (high is not None and value > high):
-        span = f">= {low}" if high is None else f"in [{low}, {high}]"
         raise ValueError(f"{name} must be {span}, got {value}")
+    return int(value)
+
+
+def check_bool(name: str, value) -> bool:
+    """``value`` must be True or False (not merely truthy); returns it."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
     return value
 
 
 def check_fraction(name: str, value, high: float = 1.0) -> float:
     """``value`` must be a finite number in [0, high]; returns it as float."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{name} must be a number in [0, {high}], got {value!r}")
     if not 0.0 <= value <= high:
         raise ValueError(f"{name} must be in [0, {high}], got {value}")
@@ -27,14 +63,16 @@ def check_fraction(name: str, value, high: float = 1.0) -> float:
 
 def check_choice(name: str, value, choices):
     """``value`` must be one of ``choices``; returns it."""
-    if value not in choices:
+    if not any(value is c or (isinstance(value, type(c)) and value == c) for c in choices):
         allowed = ", ".join(repr(c) for c in choices)
         raise ValueError(f"{name} must be one of {allowed}; got {value!r}")
     return value
 
 
 def check_input(layer: torch.nn.Module, x: torch.Tensor, in_features: int) -> None:
-    """The input of a layer must be a floating tensor of shape (..., in_features) in the layer's dtype."""
+    """The input of a layer must be a floating tensor of shape (..., in_features) in the layer's
+    dtype and on the layer's device; with ``check_finite`` on (see the module docstring) it must
+    also be finite."""
     name = type(layer).__name__
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} expects a torch.Tensor of shape (..., {in_features}), got {type(x).__name__}")
@@ -42,10 +80,19 @@ def check_input(layer: torch.nn.Module, x: torch.Tensor, in_features: int) -> No
         raise ValueError(f"{name} expects input of shape (..., {in_features}), got {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"{name} expects a floating-point input, got dtype {x.dtype}")
-    dtype = next(layer.parameters()).dtype
-    if x.dtype != dtype:
-        raise TypeError(f"{name} has parameters of dtype {dtype} but got input of dtype {x.dtype}; "
-                        f"convert one of them (e.g. layer.to({dtype}) or x.to({dtype}))")
+    param = next(layer.parameters())
+    if x.dtype != param.dtype:
+        raise TypeError(f"{name} has parameters of dtype {param.dtype} but got input of dtype {x.dtype}; "
+                        f"convert one of them (e.g. layer.to({param.dtype}) or x.to({param.dtype}))")
+    if x.device != param.device:
+        raise ValueError(f"{name} has parameters on device '{param.device}' but got input on device "
+                         f"'{x.device}'; move one of them (e.g. x.to('{param.device}'))")
+    flag = getattr(layer, "check_finite", None)
+    if (_check_finite if flag is None else flag) and not x.is_meta and not torch.compiler.is_compiling():
+        bad = (~torch.isfinite(x)).sum().item()
+        if bad:
+            raise ValueError(f"{name} got {bad} non-finite (NaN or inf) input value(s) in an input of shape "
+                             f"{tuple(x.shape)} (check_finite is on)")
 
 
 class ShapeCheckedLoad:

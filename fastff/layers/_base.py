@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._checks import ShapeCheckedLoad, check_input
+from .._checks import ShapeCheckedLoad, check_bool, check_input
 from ..io import serializable
 
 
@@ -20,13 +20,12 @@ class RoutedLayer(ShapeCheckedLoad, nn.Module):
     ``check_finite``: ``None`` (default) follows ``fastff.set_check_finite``; ``True`` makes a
     NaN / inf input raise ``ValueError``; ``False`` lets it propagate like ``nn.Linear``.
     On the ``meta`` device the forward infers the output shape where the computation allows
-    it; layers whose forward needs data there (routing statistics) raise ``ValueError``.
+    it; forwards that read data (routing statistics, per-row backends) raise ``ValueError``.
     Subclasses are registered with ``fastff.io.serializable`` (constructor arguments recorded).
     """
 
     in_features: int
     out_features: int
-    check_finite: bool | None = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -35,6 +34,26 @@ class RoutedLayer(ShapeCheckedLoad, nn.Module):
     def __init__(self):
         super().__init__()
         self.aux: dict[str, torch.Tensor] = {}
+
+    @property
+    def check_finite(self) -> bool | None:
+        return self.__dict__.get("_check_finite")
+
+    @check_finite.setter
+    def check_finite(self, value: bool | None) -> None:
+        """Set for this layer and the fastff layers inside it (e.g. FFF's master leaf)."""
+        if value is not None:
+            check_bool("check_finite", value)
+        for m in self.modules():
+            if isinstance(m, RoutedLayer):
+                m.__dict__["_check_finite"] = value
+            elif type(m).__module__.startswith("fastff."):     # e.g. DenseFF, read by check_input
+                m.check_finite = value
+
+    def __getstate__(self):
+        """Copies and pickles start with ``aux = {}``: it is per-forward state whose tensors
+        belong to the autograd graph (``copy.deepcopy`` cannot copy non-leaf tensors)."""
+        return dict(super().__getstate__(), aux={})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(self, x, self.in_features)
@@ -46,10 +65,11 @@ class RoutedLayer(ShapeCheckedLoad, nn.Module):
     def _forward_meta(self, x: torch.Tensor) -> torch.Tensor:
         try:
             return self._forward_2d(x)
-        except NotImplementedError as e:
+        except (NotImplementedError, RuntimeError) as e:   # meta tensors hold no data to read
             mode = "training" if self.training else "eval"
             raise ValueError(f"{type(self).__name__} cannot run in {mode} mode on the 'meta' device: this "
-                             f"forward needs data-dependent results (routing counts); use a real device") from e
+                             f"forward reads data (routing counts or a per-row walk); use a real device "
+                             f"({type(e).__name__}: {e})") from e
 
     def _forward_2d(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

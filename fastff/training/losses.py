@@ -15,6 +15,8 @@ HARDENING_MODES = ("reach", "mean")
 
 
 def _records(model: nn.Module, key: str) -> list[torch.Tensor]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     records = [m.aux[key] for m in model.modules() if key in getattr(m, "aux", {})]
     if not records:
         raise RuntimeError(f"no layer of {type(model).__name__} has recorded '{key}': the model needs an "
