@@ -90,3 +90,23 @@ def neuron_tree_masked_dense(x, w_in, b_in, w_out, b_out, activation: str) -> to
     h = act(torch.einsum("bi,kmi->bkm", x, w_in) + b_in) * mask
     y = torch.einsum("bkm,kmo->bo", h, w_out)
     return y if b_out is None else y + b_out
+
+
+def fff_hard_path(x, node_w, node_b, w1, b1, w2, b2, activation: str, p=None) -> torch.Tensor:
+    """Switch-style top-1 FFF training forward, the slow way: every leaf evaluated densely,
+    then masked to the greedy leaf (at each node the more probable child, right iff p >= 0.5)
+    and weighted by that leaf's soft mixture weight. ``p`` (B, N) overrides the decisions
+    sigmoid(x·w + b) (e.g. region leak). Differentiable. -> (B, O)."""
+    from ..functional import mixture_weights
+
+    act = get_activation(activation)
+    depth = _depth_of(w1.shape[0])
+    if p is None:
+        p = torch.sigmoid(x @ node_w.T + node_b)
+    node = torch.zeros(x.shape[0], dtype=torch.long)
+    for _ in range(depth):
+        node = 2 * node + 1 + (p.gather(1, node[:, None])[:, 0] >= 0.5).long()
+    mask = torch.nn.functional.one_hot(node - len(node_b), w1.shape[0]).to(x.dtype)   # (B, L)
+    h = act(torch.einsum("bi,lih->blh", x, w1) + b1)
+    leaves = torch.einsum("blh,lho->blo", h, w2) + b2                                  # (B, L, O)
+    return torch.einsum("bl,blo->bo", mixture_weights(p, depth) * mask, leaves)

@@ -8,6 +8,7 @@ from torch import nn
 
 from .._checks import check_choice, check_fraction, check_int
 from .. import kernels
+from ..kernels import autograd
 from ..functional import (ACTIVATIONS, bernoulli_entropy, get_activation, go_right, child_index,
                           mixture_weights, n_nodes, node_reach)
 from ._base import RoutedLayer
@@ -15,6 +16,7 @@ from .dense import DenseFF
 
 MASTER_LEAF = (None, "scalar", "token")
 USAGE = (None, "soft", "hard")
+TRAIN_MODES = ("soft", "hard_path")
 
 
 def _uniform(shape, fan_in: int) -> nn.Parameter:
@@ -26,9 +28,20 @@ class FFF(RoutedLayer):
     """A binary tree of ``2**depth - 1`` single-neuron decision nodes over ``2**depth`` leaves,
     each leaf a ``in -> leaf_width -> out`` MLP. x (..., in_features) -> (..., out_features).
 
-    - train mode: soft mixture over all leaves, leaf weight = product of sigmoid decisions
-      on its path; ``region_leak`` swaps each (row, node) decision p -> 1-p with that
-      probability; ``train_hardened`` rounds the decisions (nodes then get no gradient).
+    - train mode, ``train_mode="soft"`` (default): soft mixture over all leaves, leaf weight =
+      product of sigmoid decisions on its path (costs a dense layer of width 2**depth·leaf_width);
+      ``region_leak`` swaps each (row, node) decision p -> 1-p with that probability;
+      ``train_hardened`` rounds the decisions (nodes then get no gradient).
+    - ``train_mode="hard_path"``: Switch-style top-1 routing down the tree. Each row descends
+      greedily (more probable child at every node, after region leak), only the reached leaf
+      is evaluated, and its output is multiplied by that leaf's soft mixture weight (the
+      product of the taken branches' probabilities), so the visited nodes get gradients.
+      Forward and backward cost O(depth·in + leaf_width·(in + out)) per row
+      (``fastff.kernels.autograd.fff_hard_path``). ``aux`` and ``usage`` then see only the
+      hard path: ``route_prob`` is the batch mean of the gate credited to the reached leaf,
+      ``node_entropy`` / ``reach_entropy`` sum each row's entropy at the visited nodes only
+      (the latter weighted by the path probability reaching the node), soft usage adds the
+      gate to the reached leaf and the path reach to the visited nodes.
     - eval mode: hard descent (right iff x·w + b >= 0), only the reached leaf is evaluated;
       runs on the backend chosen by ``backend`` or ``fastff.set_backend``.
     - ``master_leaf``: an always-on dense leaf of ``master_width`` neurons (default
@@ -46,7 +59,7 @@ class FFF(RoutedLayer):
                  activation: str = "relu", dropout: float = 0.0, region_leak: float = 0.0,
                  train_hardened: bool = False, master_leaf: str | None = None,
                  usage: str | None = None, master_width: int | None = None,
-                 backend: str | None = None):
+                 backend: str | None = None, train_mode: str = "soft"):
         super().__init__()
         self.in_features = check_int("in_features", in_features, 1)
         self.out_features = check_int("out_features", out_features, 1)
@@ -58,6 +71,7 @@ class FFF(RoutedLayer):
         self.train_hardened = bool(train_hardened)
         self.master_leaf = check_choice("master_leaf", master_leaf, MASTER_LEAF)
         self.usage = check_choice("usage", usage, USAGE)
+        self.train_mode = check_choice("train_mode", train_mode, TRAIN_MODES)
         self.backend = None if backend is None else check_choice("backend", backend, ("auto", *kernels.BACKENDS))
         N, L, H = n_nodes(depth), 1 << depth, leaf_width
         self.node_w = _uniform((N, in_features), in_features)
@@ -100,7 +114,8 @@ class FFF(RoutedLayer):
             self.node_usage.zero_()
 
     def _forward_2d(self, x: torch.Tensor) -> torch.Tensor:
-        tree = self._soft(x) if self.training else kernels.resolve(self.backend, x).fff_hard(
+        train = self._soft if self.train_mode == "soft" else self._hard_path
+        tree = train(x) if self.training else kernels.resolve(self.backend, x).fff_hard(
             x, self.node_w, self.node_b, self.w1, self.b1, self.w2, self.b2, self.activation)
         if self.master is None:
             return tree
@@ -120,6 +135,37 @@ class FFF(RoutedLayer):
         h = nn.functional.dropout(h, self.dropout, training=True)
         y = torch.einsum("blh,lho->bo", h * mix[..., None], self.w2) + mix @ self.b2
         self._record(logits, p, mix)
+        return y
+
+    def _hard_path(self, x: torch.Tensor) -> torch.Tensor:
+        """Training forward for ``train_mode="hard_path"``; records ``aux`` and usage."""
+        flip = None
+        if self.region_leak > 0:
+            flip = torch.rand(x.shape[0], self.depth, device=x.device) < self.region_leak
+        y, q, leaf, nodes, logits = autograd.fff_hard_path(
+            x, self.node_w, self.node_b, self.w1, self.b1, self.w2, self.b2, self.activation,
+            flip=flip, hardened=self.train_hardened, dropout=self.dropout)
+        B, N, L = x.shape[0], n_nodes(self.depth), self.n_leaves
+        gate = q.prod(1)                                               # (B,)
+        reach = torch.cat((q.new_ones(B, 1), q[:, :-1].detach().cumprod(1)), 1) if self.depth else q.detach()
+        entropy = bernoulli_entropy(logits)                            # (B, d) visited nodes only
+
+        def per_node(v: torch.Tensor) -> torch.Tensor:                # (B, d) on the path -> (N,)
+            return v.new_zeros(N).index_add(0, nodes.flatten(), v.flatten()) / max(1, B)
+
+        counts = torch.bincount(leaf, minlength=L).to(x.dtype)
+        self.aux = {
+            "node_entropy": per_node(entropy),                         # (N,)
+            "reach_entropy": per_node(reach * entropy),                # (N,)
+            "route_fraction": counts / max(1, B),                      # (L,) hard, no grad
+            "route_prob": x.new_zeros(L).index_add(0, leaf, gate) / max(1, B),   # (L,)
+        }
+        if self.usage == "soft":
+            self.leaf_usage.index_add_(0, leaf, gate.detach().to(self.leaf_usage.dtype))
+            self.node_usage.index_add_(0, nodes.flatten(), reach.flatten().to(self.node_usage.dtype))
+        elif self.usage == "hard":
+            self.leaf_usage += counts.to(self.leaf_usage.dtype)
+            self.node_usage += torch.bincount(nodes.flatten(), minlength=N).to(self.node_usage.dtype)
         return y
 
     @torch.no_grad()
@@ -155,7 +201,8 @@ class FFF(RoutedLayer):
         opts = [f"in_features={self.in_features}", f"out_features={self.out_features}",
                 f"depth={self.depth}", f"leaf_width={self.leaf_width}", f"activation={self.activation!r}"]
         for name, default in (("dropout", 0.0), ("region_leak", 0.0), ("train_hardened", False),
-                              ("master_leaf", None), ("usage", None), ("backend", None)):
+                              ("master_leaf", None), ("usage", None), ("backend", None),
+                              ("train_mode", "soft")):
             if getattr(self, name) != default:
                 opts.append(f"{name}={getattr(self, name)!r}")
         return ", ".join(opts)

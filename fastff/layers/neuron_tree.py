@@ -8,8 +8,11 @@ from torch import nn
 
 from .._checks import check_choice, check_int
 from .. import kernels
+from ..kernels import autograd
 from ..functional import ACTIVATIONS
 from ._base import RoutedLayer
+
+USAGE = (None, "hard")
 
 
 class NeuronTree(RoutedLayer):
@@ -18,14 +21,20 @@ class NeuronTree(RoutedLayer):
     ``depth + 1`` levels add ``act(a) · w_out[node]`` with ``a = x·w_in[node] + b_in[node]``,
     then go right iff ``a >= 0``. x (..., in_features) -> (..., out_features).
 
-    Routing is by sign in both train and eval, so gradients reach only the visited neurons.
+    Routing is by sign in both train and eval, so gradients reach only the visited neurons;
+    training runs ``fastff.kernels.autograd.neuron_tree_conditional``, whose forward and
+    backward touch only those neurons' weight rows (O(trees·(depth+1)·(in+out)) per row).
+    ``usage="hard"`` counts, in training forwards, how many rows visited each neuron into the
+    buffer ``neuron_usage`` (K, M) (for ``fastff.training.LocalSGD`` / ``LocalAdam``);
+    ``reset_usage()`` zeroes it.
     ``depth=0`` is a dense FF of width ``trees``. Parameters: w_in (K, M, in), b_in (K, M),
     w_out (K, M, out), b_out (out,) if ``bias``. Init: w_in, b_in uniform ±1/sqrt(in);
     w_out, b_out uniform ±1/sqrt(K·(depth+1)) (the neurons active per row).
     """
 
     def __init__(self, in_features: int, out_features: int, depth: int, trees: int = 1,
-                 activation: str = "gelu", bias: bool = True, backend: str | None = None):
+                 activation: str = "gelu", bias: bool = True, backend: str | None = None,
+                 usage: str | None = None):
         super().__init__()
         self.in_features = check_int("in_features", in_features, 1)
         self.out_features = check_int("out_features", out_features, 1)
@@ -39,6 +48,9 @@ class NeuronTree(RoutedLayer):
         self.b_in = nn.Parameter(torch.empty(trees, M).uniform_(-b_in, b_in))
         self.w_out = nn.Parameter(torch.empty(trees, M, out_features).uniform_(-b_out, b_out))
         self.b_out = nn.Parameter(torch.empty(out_features).uniform_(-b_out, b_out)) if bias else None
+        self.usage = check_choice("usage", usage, USAGE)
+        if usage is not None:
+            self.register_buffer("neuron_usage", torch.zeros(trees, M))
 
     @property
     def neurons_per_tree(self) -> int:
@@ -54,10 +66,23 @@ class NeuronTree(RoutedLayer):
         """Neurons evaluated per row: ``trees * (depth + 1)``."""
         return self.trees * (self.depth + 1)
 
+    def reset_usage(self) -> None:
+        """Zero the usage counter (no-op without ``usage``)."""
+        if self.usage is not None:
+            self.neuron_usage.zero_()
+
     def _forward_2d(self, x: torch.Tensor) -> torch.Tensor:
-        backend = kernels.vectorized if self.training else kernels.resolve(self.backend, x)
-        return backend.neuron_tree(x, self.w_in, self.b_in, self.w_out, self.b_out, self.activation)
+        if not self.training:
+            return kernels.resolve(self.backend, x).neuron_tree(
+                x, self.w_in, self.b_in, self.w_out, self.b_out, self.activation)
+        y, nodes = autograd.neuron_tree_conditional(x, self.w_in, self.b_in, self.w_out, self.b_out,
+                                                    self.activation)
+        if self.usage == "hard":
+            rows = (nodes + torch.arange(self.trees, device=x.device)[:, None] * self.neurons_per_tree).flatten()
+            self.neuron_usage.view(-1).index_add_(0, rows, torch.ones_like(rows, dtype=self.neuron_usage.dtype))
+        return y
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, depth={self.depth}, "
-                f"trees={self.trees}, activation={self.activation!r}, bias={self.b_out is not None}")
+                f"trees={self.trees}, activation={self.activation!r}, bias={self.b_out is not None}"
+                + ("" if self.usage is None else f", usage={self.usage!r}"))
