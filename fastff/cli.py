@@ -7,7 +7,12 @@ import importlib
 import sys
 
 COMMANDS = {
+    "bench": ("fastff.bench", "time FFF / NeuronTree inference against dense and MoE baselines"),
     "demo": ("fastff.experiments.demo", "train Dense / FFF / NeuronTree on digits and print a comparison"),
+    "convert-minilm": ("fastff.models.minilm", "carve + distil FFF feedforwards into all-MiniLM-L6-v2; quality and speed report"),
+    "train": ("fastff.training.cli_train", "train one FF / FFF / NeuronTree / MoE model (selected on validation)"),
+    "report": ("fastff.report", "markdown tables and PNG plots from run directories"),
+    "experiment": ("fastff.experiments.cli", "run a whole experiment grid (table1, ablation, moe, vit) and its report"),
 }
 
 

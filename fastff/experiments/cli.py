@@ -1,0 +1,134 @@
+"""`fastff experiment table1|ablation|moe|vit`: run a whole grid of `fastff train` runs, then its
+report. Runs go to ``<runs>/<experiment>/<name>_s<seed>/``; a run whose metrics.json exists is
+skipped, so an interrupted grid resumes where it stopped. Each process uses one torch thread
+(``--threads``) so several grids can share the machine.
+
+Default sizes (chosen so every grid fits in <= 30 min on one core of a 2-core CPU; the full
+sizes are the flags shown):
+
+- table1:   FashionMNIST 10 epochs, MNIST-5k 40 epochs, w in {16,32,64,128}, leaf in {1,2,4,8},
+            FF and FFF, 3 seeds   (paper-like: --epochs-fashion 100 --epochs-mnist 200 --seeds 10)
+- ablation: FashionMNIST w=128 l=8, 10 epochs, 3 seeds, FFF / +balance / +master (scalar, token)
+            / +balance+master / +region leak / +all (/ hard_path when FFF supports it)
+- moe:      FashionMNIST w=128, 10 epochs, 3 seeds: FF, MoE (expert 16, k=1 and k=2), FFF l=16
+            (FFF l=8 at the same width is the ablation's plain "fff" row)
+- vit:      FashionMNIST 5k training rows, 3 epochs, 3 seeds, ViT patch 7, dim 64, 2 layers,
+            SGD momentum 0.9 lr 0.05, GELU, hardening 0.5 (reach mode):
+            FF (128) vs FFF l=1 d=7 vs FFF l=8 d=4     (bigger: --limit 0 --epochs 20)
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from ..data import BUILTIN
+from ..training.trainer import FFF_TRAIN_MODES, TrainConfig
+
+EXPERIMENTS = ("table1", "ablation", "moe", "vit")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", choices=EXPERIMENTS)
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds per configuration (default 3)")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="seeds are first-seed .. first-seed+seeds-1 (to split a grid over processes)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: per experiment)")
+    p.add_argument("--epochs-fashion", type=int, default=10, help="table1: FashionMNIST epochs (default 10)")
+    p.add_argument("--epochs-mnist", type=int, default=40, help="table1: MNIST-5k epochs (default 40)")
+    p.add_argument("--datasets", default="fashion-mnist,mnist5k", help="table1: comma-separated datasets")
+    p.add_argument("--widths", default="16,32,64,128", help="table1: training widths")
+    p.add_argument("--leaves", default="1,2,4,8", help="table1: FFF leaf widths")
+    p.add_argument("--limit", type=int, default=None, help="training rows per run (vit default 5000; 0 = all)")
+    p.add_argument("--only", default=None,
+                   help="comma-separated substrings: train only runs whose name contains one (report covers all)")
+    p.add_argument("--runs", default="runs", help="parent directory of the run directories")
+    p.add_argument("--results", default="docs/results", help="where the report goes")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--no-report", action="store_true", help="only train")
+    p.add_argument("--quiet", action="store_true")
+
+
+def _ints(text: str) -> list[int]:
+    return [int(t) for t in text.split(",") if t]
+
+
+def grid(args: argparse.Namespace) -> list[tuple[str, TrainConfig]]:
+    """(run name, config) for every run of the experiment, seeds innermost-last."""
+    runs: list[tuple[str, dict]] = []
+    if args.name == "table1":
+        for data in args.datasets.split(","):
+            epochs = args.epochs or (args.epochs_fashion if data == "fashion-mnist" else args.epochs_mnist)
+            tag = data if data in BUILTIN else Path(data).name                # run names for user paths
+            for w in _ints(args.widths):
+                runs.append((f"{tag}_ff_w{w}", dict(data=data, model="ff", width=w, epochs=epochs)))
+                for leaf in _ints(args.leaves):
+                    if leaf <= w:
+                        runs.append((f"{tag}_fff_w{w}_l{leaf}",
+                                     dict(data=data, model="fff", width=w, leaf=leaf, epochs=epochs)))
+    elif args.name == "ablation":
+        base = dict(data="fashion-mnist", model="fff", width=128, leaf=8, epochs=args.epochs or 10)
+        variants = {"fff": {}, "balance": dict(balance=1.0), "master-scalar": dict(master_leaf="scalar"),
+                    "master-token": dict(master_leaf="token"),
+                    "balance+master-token": dict(balance=1.0, master_leaf="token"),
+                    "region-leak": dict(region_leak=0.1),
+                    "all": dict(balance=1.0, master_leaf="token", region_leak=0.1)}
+        if "hard_path" in FFF_TRAIN_MODES:
+            variants["hard-path"] = dict(train_mode="hard_path")
+            variants["all+hard-path"] = dict(balance=1.0, master_leaf="token", region_leak=0.1,
+                                             train_mode="hard_path")
+        runs = [(f"ablation_{k}", base | v) for k, v in variants.items()]
+    elif args.name == "moe":
+        base = dict(data="fashion-mnist", width=128, epochs=args.epochs or 10)
+        runs = [("moe_ff", base | dict(model="ff")),
+                ("moe_moe_e16_k1", base | dict(model="moe", leaf=16, top_k=1)),
+                ("moe_moe_e16_k2", base | dict(model="moe", leaf=16, top_k=2)),
+                ("moe_fff_l16", base | dict(model="fff", leaf=16))]   # FFF l=8 at w=128: see ablation
+    else:  # vit
+        limit = 5000 if args.limit is None else args.limit
+        base = dict(data="fashion-mnist", arch="vit", width=128, epochs=args.epochs or 3, limit=limit or None,
+                    activation="gelu", lr=0.05, momentum=0.9, hardening=0.5, hardening_mode="reach")
+        runs = [("vit_ff", base | dict(model="ff")),
+                ("vit_fff_l1_d7", base | dict(model="fff", leaf=1)),
+                ("vit_fff_l8_d4", base | dict(model="fff", leaf=8))]
+    if args.limit is not None and args.name != "vit":
+        runs = [(n, c | dict(limit=args.limit or None)) for n, c in runs]
+    return [(f"{name}_s{seed}", TrainConfig(**cfg, seed=seed).validate())
+            for name, cfg in runs for seed in range(args.first_seed, args.first_seed + args.seeds)]
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..data import load_dataset
+    from ..report import write_report
+    from ..training.trainer import fit, save_run
+
+    torch.set_num_threads(args.threads)
+    root = Path(args.runs) / args.name
+    todo = grid(args)
+    if args.only:
+        todo = [(n, c) for n, c in todo if any(part in n for part in args.only.split(","))]
+    todo.sort(key=lambda item: (item[1].data, item[1].seed, item[1].limit or 0))  # load each split once
+    cache: dict = {}
+    for i, (name, cfg) in enumerate(todo, 1):
+        out = root / name
+        if (out / "metrics.json").exists():
+            continue
+        key = (cfg.data, cfg.seed, cfg.limit)
+        if key not in cache:
+            cache.clear()
+            cache[key] = load_dataset(cfg.data, seed=cfg.seed, val_fraction=cfg.val_fraction, limit=cfg.limit)
+        model, result = fit(cfg, cache[key], progress=not args.quiet)
+        save_run(out, model, result)
+        if cfg.arch == "vit":
+            from .vit import save_ffn_timing
+            save_ffn_timing(out, model, cache[key])
+        print(f"[{i}/{len(todo)}] {name}: GA {result.test['acc']:.2f}  MA {result.train_acc:.2f}  "
+              f"({result.training_seconds:.0f}s)", flush=True)
+    if not args.no_report:
+        command = "fastff experiment " + " ".join(shlex.quote(a) for a in sys.argv[sys.argv.index(args.name):]) \
+            if args.name in sys.argv else f"fastff experiment {args.name}"
+        write_report(root, Path(args.results), name=args.name, command=command)
+    return 0

@@ -1,0 +1,71 @@
+"""`fastff train`: train one model, select it on validation, test it once, save the run."""
+from __future__ import annotations
+
+import argparse
+
+from .trainer import ARCHS, FFF_TRAIN_MODES, MASTER_LEAF, MODELS, SELECT, TrainConfig
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig(data="")
+    p.add_argument("--data", required=True,
+                   help="fashion-mnist | mnist5k | digits | path to an IDX directory, .npz or .csv file")
+    p.add_argument("--model", choices=MODELS, default=d.model)
+    p.add_argument("--arch", choices=ARCHS, default=d.arch,
+                   help="mlp: the layer maps pixels to classes (FFF paper Table 1); vit: a small ViT whose "
+                        "feedforwards are the layer")
+    p.add_argument("--width", type=int, default=d.width, help="training width w (FFF: 2^depth * leaf)")
+    p.add_argument("--leaf", type=int, default=d.leaf, help="FFF leaf width / MoE expert width")
+    p.add_argument("--hardening", type=float, default=d.hardening, help="h, weight of the node-entropy loss")
+    p.add_argument("--hardening-mode", choices=("mean", "reach"), default=d.hardening_mode,
+                   help="mean: the FFF paper's loss; reach: entropy weighted by the mass reaching each node")
+    p.add_argument("--region-leak", type=float, default=d.region_leak)
+    p.add_argument("--balance", type=float, default=d.balance, help="load-balancing alpha (0 = off)")
+    p.add_argument("--master-leaf", choices=MASTER_LEAF, default=d.master_leaf)
+    p.add_argument("--train-mode", choices=FFF_TRAIN_MODES, default=d.train_mode,
+                   help="FFF training forward (hard_path is offered when the installed FFF supports it)")
+    p.add_argument("--activation", default=d.activation)
+    p.add_argument("--top-k", type=int, default=d.top_k, help="MoE experts per row")
+    p.add_argument("--trees", type=int, default=d.trees, help="NeuronTree parallel trees")
+    p.add_argument("--vit-dim", type=int, default=d.vit_dim)
+    p.add_argument("--vit-layers", type=int, default=d.vit_layers)
+    p.add_argument("--vit-heads", type=int, default=d.vit_heads)
+    p.add_argument("--patch", type=int, default=d.patch)
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr, help="SGD learning rate")
+    p.add_argument("--momentum", type=float, default=d.momentum)
+    p.add_argument("--patience", type=int, default=d.patience,
+                   help="stop after this many epochs without validation improvement (0 = never)")
+    p.add_argument("--select", choices=SELECT, default=d.select,
+                   help="model-selection split; only 'val' exists: the test split is evaluated once, after "
+                        "selection, and can never be used to pick a checkpoint")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--limit", type=int, default=None, help="use only this many training rows")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--out", required=True, help="run directory to write")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    fields = TrainConfig.__dataclass_fields__
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields}).validate()
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..data import load_dataset
+    from .trainer import fit, save_run
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = config_from_args(args)
+    data = load_dataset(cfg.data, seed=cfg.seed, val_fraction=cfg.val_fraction, limit=cfg.limit)
+    model, result = fit(cfg, data, progress=not args.quiet)
+    out = save_run(args.out, model, result)
+    val = result.epochs[result.best_epoch - 1]["val_acc"] if result.best_epoch else float("nan")
+    print(f"{out}: best epoch {result.best_epoch}/{len(result.epochs)}  train(MA) {result.train_acc:.2f}  "
+          f"val {val:.2f}  test(GA) {result.test['acc']:.2f}  "
+          f"neurons/inference {result.neurons_per_inference}")
+    return 0
