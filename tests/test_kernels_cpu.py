@@ -242,3 +242,20 @@ def test_custom_op_matches_eager():
                                    cpu.fff_hard(x, *fff_params(f), "relu"), rtol=0, atol=0)
     torch.library.opcheck(torch.ops.fastff.fff_hard.default, (x, *(p.detach() for p in fff_params(f)), "relu"),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_kernels_follow_and_keep_torch_thread_count():
+    """numba shares libgomp with torch: the kernels must neither ignore nor change torch's count."""
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                fastff.FFF(64, 8, 4, 16).eval()(torch.randn(600, 64))
+                assert numba.get_num_threads() == min(threads, numba.config.NUMBA_NUM_THREADS)
+                fastff.NeuronTree(64, 8, 6).eval()(torch.randn(600, 64))
+            fastff.NeuronTree(64, 8, 6).train()(torch.randn(600, 64)).sum().backward()
+            fastff.FFF(64, 8, 4, 16, train_mode="hard_path").train()(torch.randn(600, 64)).sum().backward()
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)

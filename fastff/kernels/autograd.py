@@ -25,6 +25,7 @@ from numba import njit, prange
 
 from .._checks import check_choice
 from ..functional import get_activation, neuron_tree_walk
+from ._threads import follow_torch_threads, single_threaded_blas
 
 IMPLS = ("auto", "numba", "torch")
 # activations the numba kernels implement (others run on the torch path); code 0 = identity
@@ -259,10 +260,6 @@ def _use_numba(impl: str, activation: str, *tensors: torch.Tensor) -> bool:
     return (impl == "numba" or (impl == "auto" and on_cpu)) and supported
 
 
-def _sync_threads() -> None:
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-
-
 def _rows(m: int, nodes: np.ndarray) -> np.ndarray:
     """(B, K, T) node numbers -> (B, K·T) row numbers into the flattened (K·M, F) table."""
     return (nodes + np.arange(nodes.shape[1])[None, :, None] * m).reshape(nodes.shape[0], -1)
@@ -283,8 +280,8 @@ class _Walk(torch.autograd.Function):
     x (B,F), w (K,M,F), b (K,M), flip (B,K,T) bool -> (pre (B,K,T), nodes (B,K,T) long)."""
 
     @staticmethod
+    @follow_torch_threads
     def forward(ctx, x, w, b, flip):
-        _sync_threads()
         nodes = np.empty(flip.shape, dtype=np.int64)
         pre = np.empty(flip.shape, dtype=_np(x).dtype)
         _nb_walk(_np(x), _np(w), _np(b), _np(flip).view(np.uint8), nodes, pre)
@@ -294,9 +291,9 @@ class _Walk(torch.autograd.Function):
         return torch.from_numpy(pre), nodes
 
     @staticmethod
+    @follow_torch_threads
     def backward(ctx, g, _):
         x, w, nodes = ctx.saved_tensors
-        _sync_threads()
         K, M, F = w.shape
         idx, g = _rows(M, nodes.numpy()), _np(g.flatten(1))            # (B, K·T)
         gx = np.empty_like(_np(x))
@@ -310,8 +307,8 @@ class _NeuronTree(torch.autograd.Function):
     """Fused NeuronTree (numba). -> (y (B,O), nodes (B,K,D+1))."""
 
     @staticmethod
+    @follow_torch_threads
     def forward(ctx, x, w_in, b_in, w_out, b_out, code):
-        _sync_threads()
         K, M = w_in.shape[:2]
         T = (M + 1).bit_length() - 1
         nodes = np.empty((x.shape[0], K, T), dtype=np.int64)
@@ -332,9 +329,9 @@ class _NeuronTree(torch.autograd.Function):
         return torch.from_numpy(y), nodes
 
     @staticmethod
+    @follow_torch_threads
     def backward(ctx, g, _):
         x, w_in, w_out, nodes, pre = ctx.saved_tensors
-        _sync_threads()
         K, M, F = w_in.shape
         # rows sorted by their (first tree's) path: neighbours share weight rows (cache reuse);
         # the big permutations run as (parallel) torch index ops
@@ -375,13 +372,13 @@ class _Leaves(torch.autograd.Function):
     """Reached-leaf MLPs (numba), rows grouped by leaf. -> (B, O) = gate · leaf(x)."""
 
     @staticmethod
+    @follow_torch_threads
     def forward(ctx, x, w1, b1, w2, b2, gate, leaf, mask, code):
-        _sync_threads()
         order, starts = _nb_group(_np(leaf), w1.shape[0])
         B, H = x.shape[0], w1.shape[-1]
         a = np.empty((B, H), dtype=_np(x).dtype)
         leaf_out, y = np.empty((B, w2.shape[-1]), dtype=a.dtype), np.empty((B, w2.shape[-1]), dtype=a.dtype)
-        with numba.parallel_chunksize(1):
+        with numba.parallel_chunksize(1), single_threaded_blas():
             _nb_leaf_forward(_np(x), _np(w1), _np(b1), _np(w2), _np(b2), _np(gate), _np(mask), code,
                              order, starts, a, leaf_out, y)
         ctx.save_for_backward(x, w1, w2, gate, mask, torch.from_numpy(a), torch.from_numpy(leaf_out))
@@ -389,13 +386,13 @@ class _Leaves(torch.autograd.Function):
         return torch.from_numpy(y)
 
     @staticmethod
+    @follow_torch_threads
     def backward(ctx, g):
         x, w1, w2, gate, mask, a, leaf_out = (_np(t) for t in ctx.saved_tensors)
-        _sync_threads()
         gx, ggate = np.empty_like(x), np.empty_like(gate)
         dw1, dw2 = np.empty_like(w1), np.empty_like(w2)
         db1, db2 = np.empty(w1.shape[::2], dtype=x.dtype), np.empty(w2.shape[::2], dtype=x.dtype)
-        with numba.parallel_chunksize(1):
+        with numba.parallel_chunksize(1), single_threaded_blas():
             _nb_leaf_backward(x, _np(g), w1, w2, gate, mask, ctx.code, *ctx.grouping, a, leaf_out,
                               gx, dw1, db1, dw2, db2, ggate)
         return tuple(map(torch.from_numpy, (gx, dw1, db1, dw2, db2, ggate))) + (None, None, None)

@@ -27,6 +27,7 @@ from numba.core.extending import overload
 from numba.np.numpy_support import as_dtype
 
 from ..functional import ACTIVATIONS
+from ._threads import follow_torch_threads
 
 # Activation name -> code understood by the kernels; every name in ACTIVATIONS is supported.
 ACT_CODES = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "tanh": 4, "sigmoid": 5, "identity": 6}
@@ -394,6 +395,7 @@ def neuron_tree_run(xa: np.ndarray, weights: tuple, code: int, out: np.ndarray) 
         kernel(xa, wi, bi, wo, bo, levels, code, out)
 
 
+@follow_torch_threads
 def _fff_hard_eager(x, node_w, node_b, w1, b1, w2, b2, activation: str) -> torch.Tensor:
     weights = weights_np(node_w, node_b, w1, b1, w2, b2)
     xa = _input_np(x, weights[2])
@@ -403,6 +405,7 @@ def _fff_hard_eager(x, node_w, node_b, w1, b1, w2, b2, activation: str) -> torch
     return out
 
 
+@follow_torch_threads
 def _neuron_tree_eager(x, w_in, b_in, w_out, b_out, activation: str) -> torch.Tensor:
     weights = weights_np(w_in, b_in, w_out, b_out)
     xa = _input_np(x, weights[0])

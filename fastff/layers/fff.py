@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-from .._checks import check_choice, check_fraction, check_int
+from .._checks import check_bool, check_choice, check_fraction, check_int
 from .. import kernels
 from ..kernels import autograd
 from ..functional import (ACTIVATIONS, bernoulli_entropy, get_activation, go_right, child_index,
@@ -68,7 +68,7 @@ class FFF(RoutedLayer):
         self.activation = check_choice("activation", activation, tuple(ACTIVATIONS))
         self.dropout = check_fraction("dropout", dropout)
         self.region_leak = check_fraction("region_leak", region_leak)
-        self.train_hardened = bool(train_hardened)
+        self.train_hardened = check_bool("train_hardened", train_hardened)
         self.master_leaf = check_choice("master_leaf", master_leaf, MASTER_LEAF)
         self.usage = check_choice("usage", usage, USAGE)
         self.train_mode = check_choice("train_mode", train_mode, TRAIN_MODES)
@@ -80,9 +80,13 @@ class FFF(RoutedLayer):
         self.b1 = _uniform((L, H), in_features)
         self.w2 = _uniform((L, H, out_features), H)
         self.b2 = _uniform((L, out_features), H)
+        if master_width is not None:
+            check_int("master_width", master_width, 1)
+            if master_leaf is None:
+                raise ValueError(f"master_width={master_width} needs master_leaf='scalar' or 'token'")
         self.master = None
         if master_leaf is not None:
-            width = leaf_width if master_width is None else check_int("master_width", master_width, 1)
+            width = leaf_width if master_width is None else master_width
             self.master = DenseFF(in_features, out_features, width, activation)
             self.gate = nn.Linear(in_features, 1) if master_leaf == "token" else nn.Parameter(torch.zeros(1))
             if master_leaf == "token":

@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-from .._checks import check_choice, check_int
+from .._checks import check_bool, check_choice, check_int
 from .. import kernels
 from ..kernels import autograd
 from ..functional import ACTIVATIONS
@@ -47,7 +47,7 @@ class NeuronTree(RoutedLayer):
         self.w_in = nn.Parameter(torch.empty(trees, M, in_features).uniform_(-b_in, b_in))
         self.b_in = nn.Parameter(torch.empty(trees, M).uniform_(-b_in, b_in))
         self.w_out = nn.Parameter(torch.empty(trees, M, out_features).uniform_(-b_out, b_out))
-        self.b_out = nn.Parameter(torch.empty(out_features).uniform_(-b_out, b_out)) if bias else None
+        self.b_out = nn.Parameter(torch.empty(out_features).uniform_(-b_out, b_out)) if check_bool("bias", bias) else None
         self.usage = check_choice("usage", usage, USAGE)
         if usage is not None:
             self.register_buffer("neuron_usage", torch.zeros(trees, M))

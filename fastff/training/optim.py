@@ -30,6 +30,7 @@ from numba import njit, prange
 from torch import nn
 
 from .._checks import check_fraction
+from ..kernels._threads import follow_torch_threads
 from ..layers import FFF, NeuronTree
 
 _BLOCKS = {FFF: (("leaf_usage", ("w1", "b1", "w2", "b2")), ("node_usage", ("node_w", "node_b"))),
@@ -68,6 +69,7 @@ class _Local(torch.optim.Optimizer):
             self.state[p]["base"] = getattr(module, buffer).detach().flatten().clone()
 
     @torch.no_grad()
+    @follow_torch_threads
     def step(self, closure=None):
         """Accumulate every block's gradient; step the blocks whose usage reached the local batch
         size (and every non-block parameter)."""

@@ -1,0 +1,40 @@
+"""Thread budget of the numba kernels, shared by the inference and training kernels.
+
+numba's ``omp`` threading layer shares libgomp with PyTorch, so a numba parallel launch would
+reset the OpenMP thread count that ``torch.get_num_threads()`` reports (and a numba kernel
+would ignore ``torch.set_num_threads``). Kernels entered through ``follow_torch_threads`` use
+torch's thread count and leave it as it was. BLAS calls made inside numba's parallel loops
+(``np.dot`` -> scipy's OpenBLAS) must not start BLAS threads of their own: ``single_threaded_blas``.
+"""
+from __future__ import annotations
+
+import functools
+
+import numba
+import torch
+from threadpoolctl import ThreadpoolController
+
+_BLAS = ThreadpoolController()
+
+
+def follow_torch_threads(fn):
+    """Decorator: run ``fn`` with numba on ``torch.get_num_threads()`` threads; restore torch's count after."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        n = torch.get_num_threads()
+        want = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
+        if numba.get_num_threads() != want:
+            numba.set_num_threads(want)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if torch.get_num_threads() != n:
+                torch.set_num_threads(n)
+
+    return wrapper
+
+
+def single_threaded_blas():
+    """Context: BLAS libraries run on one thread (for BLAS calls inside numba ``prange`` loops)."""
+    return _BLAS.limit(limits=1, user_api="blas")
