@@ -35,6 +35,7 @@ import torch
 
 from . import kernels
 from ._checks import check_choice, check_int
+from .kernels._threads import set_threads
 from .layers import FFF, MoE, DenseFF, NeuronTree
 
 LAYERS = ("neuron-tree", "fff")
@@ -330,18 +331,12 @@ def add_arguments(p) -> None:
     p.add_argument("--quick", action="store_true", help="passed to the --train rows")
 
 
-def _set_threads(n: int) -> None:
-    import numba
-    torch.set_num_threads(n)
-    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-
-
 def run(args) -> int:
     layer = check_choice("--layer", args.layer, LAYERS)
     spec = Spec(layer, check_int("--depth", args.depth, 0, 20), check_int("--dim", args.dim, 1),
                 check_int("--trees", args.trees, 1), check_int("--leaf", args.leaf, 1), args.activation)
     batches = parse_batches(args.batch)
-    _set_threads(check_int("--threads", args.threads, 1))
+    set_threads(check_int("--threads", args.threads, 1))
     log = lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)
     limits = None
     if not args.no_limits:

@@ -73,7 +73,7 @@ SPECS = {
         "master_leaf": (choices([None, "scalar", "token"]), lambda v, a: is_choice(v, (None, "scalar", "token"))),
         "usage": (choices([None, "soft", "hard"]), lambda v, a: is_choice(v, (None, "soft", "hard"))),
         "master_width": (st.one_of(st.none(), ints(1, 4)),
-                         lambda v, a: v is None or a.get("master_leaf") is None or is_int(v, 1)),
+                         lambda v, a: v is None or (a.get("master_leaf") is not None and is_int(v, 1))),
         "backend": (choices(BACKEND_CHOICES), lambda v, a: is_choice(v, BACKEND_CHOICES)),
         "train_mode": (choices(["soft", "hard_path"]), lambda v, a: is_choice(v, ("soft", "hard_path"))),
     },

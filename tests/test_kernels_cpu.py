@@ -12,6 +12,8 @@ from fastff import kernels
 from fastff.functional import ACTIVATIONS
 from fastff.kernels import cpu, reference as R
 
+from _routing import route_margin
+
 # (THROUGHPUT_MIN_ROWS, PARALLEL_MIN_BYTES, SUBTREE_BYTES) forcing each code path whatever the
 # batch size; the NeuronTree throughput path then groups rows on the deepest possible level.
 PATHS = {"serial": (1 << 40, 1 << 40, 1 << 19), "parallel": (1 << 40, 0, 1 << 19), "throughput": (0, 0, 0)}
@@ -31,19 +33,6 @@ def fff_params(f):
 
 def nt_params(n):
     return n.w_in, n.b_in, n.w_out, n.b_out
-
-
-def margins(x, w, b, depth):
-    """Smallest |pre-activation| (float64) on each row's path through one tree (w (M, I), b (M,)):
-    rows this close to a hyperplane may route differently under float32 rounding."""
-    x, w, b = x.double(), w.double(), b.double()
-    margin = torch.full((x.shape[0],), float("inf"), dtype=torch.float64)
-    node = torch.zeros(x.shape[0], dtype=torch.long)
-    for _ in range(depth):
-        a = (x * w[node]).sum(-1) + b[node]
-        margin = torch.minimum(margin, a.abs())
-        node = 2 * node + 1 + (a >= 0).long()
-    return margin
 
 
 def assert_matches(y, ref, keep):
@@ -73,7 +62,7 @@ def test_fff_cpu_matches_reference(depth, leaf, d_in, d_out, shape, dtype, activ
     x2 = x.reshape(-1, d_in)
     ref = R.fff_hard(x2.double(), *(p.detach().double() for p in fff_params(f)), activation)
     assert y.shape == (*shape, d_out) and y.dtype == dtype
-    keep = margins(x2, f.node_w, f.node_b, depth) > 1e-4
+    keep = route_margin(x2, f.node_w, f.node_b, depth) > 1e-4
     assert_matches(y.reshape(-1, d_out), ref, keep)
 
 
@@ -93,7 +82,7 @@ def test_neuron_tree_cpu_matches_reference(depth, trees, d_in, d_out, shape, dty
     params = [None if p is None else p.detach().double() for p in nt_params(n)]
     ref = R.neuron_tree(x2.double(), *params, activation)
     assert y.shape == (*shape, d_out) and y.dtype == dtype
-    keep = torch.stack([margins(x2, n.w_in[k], n.b_in[k], depth + 1) for k in range(trees)]).amin(0) > 1e-4
+    keep = torch.stack([route_margin(x2, n.w_in[k], n.b_in[k], depth + 1) for k in range(trees)]).amin(0) > 1e-4
     assert_matches(y.reshape(-1, d_out), ref, keep)
 
 
@@ -126,11 +115,11 @@ def test_depth_15(layer):
         if layer == "fff":
             m = fastff.FFF(4, 3, 15, 2, backend="cpu").eval()
             ref = R.fff_hard(x.double(), *(p.double() for p in fff_params(m)), m.activation)
-            keep = margins(x, m.node_w, m.node_b, 15) > 1e-4
+            keep = route_margin(x, m.node_w, m.node_b, 15) > 1e-4
         else:
             m = fastff.NeuronTree(4, 3, 15, backend="cpu").eval()
             ref = R.neuron_tree(x.double(), *(p.double() for p in nt_params(m)), m.activation)
-            keep = margins(x, m.w_in[0], m.b_in[0], 16) > 1e-4
+            keep = route_margin(x, m.w_in[0], m.b_in[0], 16) > 1e-4
         assert_matches(m(x), ref, keep)
 
 

@@ -7,25 +7,14 @@ import fastff
 from fastff.functional import bernoulli_entropy, mixture_weights, node_reach
 from fastff.kernels import reference as R
 
+from _routing import route_margin
+
 BATCH_SHAPES = [(), (1,), (7,), (2, 3, 5)]
 DTYPES = [torch.float32, torch.float64]
 
 
 def fff_params(f):
     return f.node_w, f.node_b, f.w1, f.b1, f.w2, f.b2
-
-
-def route_margin(x, node_w, node_b, depth):
-    """Smallest |logit| met on each row's hard path, in float64: rows near a hyperplane may
-    legitimately route differently under float32 rounding."""
-    x, node_w, node_b = x.double(), node_w.double(), node_b.double()
-    margin = torch.full((x.shape[0],), float("inf"), dtype=torch.float64)
-    node = torch.zeros(x.shape[0], dtype=torch.long)
-    for _ in range(depth):
-        logit = (x * node_w[node]).sum(-1) + node_b[node]
-        margin = torch.minimum(margin, logit.abs())
-        node = 2 * node + 1 + (logit >= 0).long()
-    return margin
 
 
 @given(depth=st.integers(0, 10), leaf=st.integers(1, 32), d_in=st.integers(1, 9), d_out=st.integers(1, 7),
@@ -163,10 +152,7 @@ def test_neuron_tree_matches_reference_walk(depth, trees, d_in, d_out, shape, dt
     x2 = x.reshape(-1, d_in).double()
     ref = R.neuron_tree(x2, n.w_in.double(), n.b_in.double(), n.w_out.double(), n.b_out.double(), "gelu")
     tol = 1e-4 if dtype == torch.float32 else 1e-10
-    # rows with a near-zero pre-activation on their path may route differently in float32
-    acts = torch.stack([(x2 @ n.w_in[k].double().T + n.b_in[k].double()).abs().min(-1).values
-                        for k in range(trees)]).min(0).values
-    ok = acts > tol
+    ok = torch.stack([route_margin(x2, n.w_in[k], n.b_in[k], depth + 1) for k in range(trees)]).amin(0) > tol
     for mode in (n.train, n.eval):
         mode()
         with torch.no_grad():

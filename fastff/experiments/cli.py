@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ..data import BUILTIN
 from ..training.trainer import FFF_TRAIN_MODES, TrainConfig
+from ..kernels._threads import set_threads
 
 EXPERIMENTS = ("table1", "ablation", "moe", "vit")
 
@@ -105,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     from ..report import write_report
     from ..training.trainer import fit, save_run
 
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     root = Path(args.runs) / args.name
     todo = grid(args)
     if args.only:

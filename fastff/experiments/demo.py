@@ -65,7 +65,7 @@ def train(model: nn.Module, splits, epochs: int, seed: int, bar: tqdm) -> nn.Mod
         for idx in torch.randperm(len(y), generator=g).split(64):
             loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
             if isinstance(model, fastff.FFF):
-                loss = loss + 0.1 * fastff.hardening_loss(model) + fastff.load_balancing_loss(model, 0.01)
+                loss = loss + 1.0 * fastff.hardening_loss(model) + fastff.load_balancing_loss(model, 0.01)
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..data import Dataset
 from ..training.trainer import TrainConfig, make_ffn
+from ..kernels._threads import set_threads
 
 
 class Block(nn.Module):
@@ -82,7 +83,7 @@ def ffn_seconds_per_token(model: TinyViT, x: torch.Tensor, repeats: int = 5) -> 
     tokens = seen[0].reshape(-1, seen[0].shape[-1]).contiguous()
     threads = torch.get_num_threads()
     block.ffn(tokens)                                                  # warm-up (may compile kernels)
-    torch.set_num_threads(threads)                                     # a kernel's init may change it
+    set_threads(threads)                                     # a kernel's init may change it
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()

@@ -53,13 +53,13 @@ def get_backend() -> str:
 
 
 def cpu_applies(*tensors) -> bool:
-    """Whether ``"auto"`` runs these tensors (None skipped) on the ``"cpu"`` kernels."""
-    present = [t for t in tensors if t is not None]
-    if any(t.device.type != "cpu" or t.dtype not in cpu.DTYPES for t in present):
+    """Whether ``"auto"`` runs these tensors (None skipped) on the ``"cpu"`` kernels: all on the
+    CPU in one dtype of ``cpu.DTYPES``, and no gradient needed. (Hot path of every batch-1 call.)"""
+    dtype = tensors[0].dtype
+    if dtype not in cpu.DTYPES:
         return False
-    if len({t.dtype for t in present}) > 1:
-        return False
-    return not _needs_grad(present)
+    grad = torch.is_grad_enabled()
+    return all(t is None or (t.is_cpu and t.dtype is dtype and not (grad and t.requires_grad)) for t in tensors)
 
 
 def triton_applies(*tensors) -> bool:

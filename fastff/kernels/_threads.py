@@ -35,6 +35,12 @@ def follow_torch_threads(fn):
     return wrapper
 
 
+def set_threads(n: int) -> None:
+    """Run torch and the numba kernels on ``n`` threads (numba first: its start-up resets OpenMP's count)."""
+    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+    torch.set_num_threads(n)
+
+
 def single_threaded_blas():
     """Context: BLAS libraries run on one thread (for BLAS calls inside numba ``prange`` loops)."""
     return _BLAS.limit(limits=1, user_api="blas")

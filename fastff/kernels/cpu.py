@@ -358,6 +358,7 @@ def _parallel(rows: int, bytes_per_row: int) -> bool:
     return rows * bytes_per_row >= PARALLEL_MIN_BYTES and numba.get_num_threads() > 1
 
 
+@follow_torch_threads
 def fff_run(xa: np.ndarray, weights: tuple, code: int, out: np.ndarray) -> None:
     """The numba part of ``fff_hard``: out (B, O) = FFF(xa (B, I)) for ``weights`` =
     numpy (node_w, node_b, w1, b1, w2, b2) and an activation code from ``ACT_CODES``."""
@@ -377,6 +378,7 @@ def fff_run(xa: np.ndarray, weights: tuple, code: int, out: np.ndarray) -> None:
         kernel(xa, nw, nb, depth, a1, c1, a2, c2, code, out)
 
 
+@follow_torch_threads
 def neuron_tree_run(xa: np.ndarray, weights: tuple, code: int, out: np.ndarray) -> None:
     """The numba part of ``neuron_tree``: out (B, O) = NeuronTree(xa (B, I)) for ``weights`` =
     numpy (w_in, b_in, w_out, b_out or None) and an activation code from ``ACT_CODES``."""
@@ -395,7 +397,6 @@ def neuron_tree_run(xa: np.ndarray, weights: tuple, code: int, out: np.ndarray) 
         kernel(xa, wi, bi, wo, bo, levels, code, out)
 
 
-@follow_torch_threads
 def _fff_hard_eager(x, node_w, node_b, w1, b1, w2, b2, activation: str) -> torch.Tensor:
     weights = weights_np(node_w, node_b, w1, b1, w2, b2)
     xa = _input_np(x, weights[2])
@@ -405,7 +406,6 @@ def _fff_hard_eager(x, node_w, node_b, w1, b1, w2, b2, activation: str) -> torch
     return out
 
 
-@follow_torch_threads
 def _neuron_tree_eager(x, w_in, b_in, w_out, b_out, activation: str) -> torch.Tensor:
     weights = weights_np(w_in, b_in, w_out, b_out)
     xa = _input_np(x, weights[0])

@@ -22,6 +22,7 @@ import torch
 from .. import kernels
 from .convert import carve, distill
 from .integrate import find_ffn, replace_ffn
+from ..kernels._threads import set_threads
 
 DEFAULT_TEXT = Path("/usr/share/games/fortunes")
 DEFAULT_CONFIGS = "1:512:512,2:256:256,3:128:128,4:64:64"
@@ -249,7 +250,7 @@ def evaluate_configs(calib: list[str], held: list[str], configs, steps: int = 20
         with torch.inference_mode():
             backend += " -> " + ("cpu" if kernels.cpu_applies(*layer.parameters()) else "torch")
     if threads:
-        torch.set_num_threads(threads)
+        set_threads(threads)
     n_threads = torch.get_num_threads()
     times = benchmark(dense, convs, tok, held, batch_sizes, seq_len, repeats)
     for row in rows:
@@ -359,7 +360,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import sys
     if args.threads:
-        torch.set_num_threads(args.threads)
+        set_threads(args.threads)
     torch.manual_seed(args.seed)
     configs = _parse_configs(args.configs)
     calib, held = split_sentences(load_sentences(args.text), args.calib, args.eval, args.seed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from .trainer import ARCHS, FFF_TRAIN_MODES, MASTER_LEAF, MODELS, SELECT, TrainConfig
+from ..kernels._threads import set_threads
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from .trainer import fit, save_run
 
     if args.threads:
-        torch.set_num_threads(args.threads)
+        set_threads(args.threads)
     cfg = config_from_args(args)
     data = load_dataset(cfg.data, seed=cfg.seed, val_fraction=cfg.val_fraction, limit=cfg.limit)
     model, result = fit(cfg, data, progress=not args.quiet)
