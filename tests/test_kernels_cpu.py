@@ -248,3 +248,18 @@ def test_kernels_follow_and_keep_torch_thread_count():
             assert torch.get_num_threads() == threads
     finally:
         torch.set_num_threads(before)
+
+
+def test_single_threaded_blas_covers_every_loaded_blas():
+    """The leaf GEMMs of hard_path training call scipy's BLAS from numba prange loops; the limit
+    must reach that library, which is loaded lazily (after fastff's import)."""
+    import scipy.linalg.cython_blas  # noqa: F401  (the BLAS numba's np.dot calls)
+    from threadpoolctl import ThreadpoolController
+
+    from fastff.kernels._threads import single_threaded_blas
+
+    loaded = {i["filepath"] for i in ThreadpoolController().info() if i["user_api"] == "blas"}
+    with single_threaded_blas():
+        inside = {i["filepath"]: i["num_threads"] for i in ThreadpoolController().info() if i["user_api"] == "blas"}
+    assert loaded and set(inside) >= loaded
+    assert all(n == 1 for n in inside.values())

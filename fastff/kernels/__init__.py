@@ -24,6 +24,7 @@ import torch
 from .._checks import check_choice
 from . import cpu, reference, vectorized
 
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 class _LazyModule:
@@ -65,8 +66,7 @@ def cpu_applies(*tensors) -> bool:
 def triton_applies(*tensors) -> bool:
     """Whether ``"auto"`` runs these tensors (None skipped) on the ``"triton"`` kernels."""
     present = [t for t in tensors if t is not None]
-    return (all(t.is_cuda for t in present) and not _needs_grad(present)
-            and importlib.util.find_spec("triton") is not None)
+    return _HAS_TRITON and all(t.is_cuda for t in present) and not _needs_grad(present)
 
 
 def _needs_grad(tensors) -> bool:

@@ -14,8 +14,6 @@ import numba
 import torch
 from threadpoolctl import ThreadpoolController
 
-_BLAS = ThreadpoolController()
-
 
 def follow_torch_threads(fn):
     """Decorator: run ``fn`` with numba on ``torch.get_num_threads()`` threads; restore torch's count after."""
@@ -41,6 +39,15 @@ def set_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
+@functools.lru_cache(maxsize=None)
+def _blas_controller() -> ThreadpoolController:
+    """The loaded BLAS libraries, scanned once, after loading the one numba's ``np.dot`` calls
+    (scipy's, via ``scipy.linalg.cython_blas``): a controller only sees libraries loaded before it."""
+    import scipy.linalg.cython_blas  # noqa: F401
+
+    return ThreadpoolController()
+
+
 def single_threaded_blas():
     """Context: BLAS libraries run on one thread (for BLAS calls inside numba ``prange`` loops)."""
-    return _BLAS.limit(limits=1, user_api="blas")
+    return _blas_controller().limit(limits=1, user_api="blas")

@@ -26,6 +26,7 @@ from numba import njit, prange
 from .._checks import check_choice
 from ..functional import get_activation, neuron_tree_walk
 from ._threads import follow_torch_threads, single_threaded_blas
+from .cpu import _np  # C-contiguous numpy view (copy only if needed), shared with the inference kernels
 
 IMPLS = ("auto", "numba", "torch")
 # activations the numba kernels implement (others run on the torch path); code 0 = identity
@@ -244,10 +245,6 @@ def _nb_leaf_backward(x, g, w1, w2, gate, mask, code, order, starts, a, leaf_out
 # --------------------------------------------------------------------------------------------
 # glue
 # --------------------------------------------------------------------------------------------
-def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().contiguous().numpy()
-
-
 def _use_numba(impl: str, activation: str, *tensors: torch.Tensor) -> bool:
     impl = check_choice("impl", impl, IMPLS)
     on_cpu = all(t.device.type == "cpu" for t in tensors)

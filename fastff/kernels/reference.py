@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..functional import get_activation, go_right
+from ..functional import get_activation, go_right, mixture_weights
 
 
 def _depth_of(n_leaves: int) -> int:
@@ -97,8 +97,6 @@ def fff_hard_path(x, node_w, node_b, w1, b1, w2, b2, activation: str, p=None) ->
     then masked to the greedy leaf (at each node the more probable child, right iff p >= 0.5)
     and weighted by that leaf's soft mixture weight. ``p`` (B, N) overrides the decisions
     sigmoid(x·w + b) (e.g. region leak). Differentiable. -> (B, O)."""
-    from ..functional import mixture_weights
-
     act = get_activation(activation)
     depth = _depth_of(w1.shape[0])
     if p is None:
