@@ -13,6 +13,7 @@ all-reduced (``fastff.distributed.all_reduce_aux``), and the FFF usage counters 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 
 import torch
@@ -92,6 +93,11 @@ def main(argv=None) -> None:
             print(f"saved {args.out}")
     finally:
         if distributed:
+            # The DDP wrapper sits in reference cycles that keep the process group alive; if it
+            # were freed only at interpreter exit, gloo's worker threads could still try to take
+            # the GIL during finalisation, and the process would abort ("terminate called without
+            # an active exception"). Free it now, while the interpreter is fully alive.
+            gc.collect()
             dist.barrier()  # no rank tears the group down while another still uses it
             dist.destroy_process_group()
 
