@@ -69,30 +69,51 @@ def check_choice(name: str, value, choices):
     return value
 
 
-def check_input(layer: torch.nn.Module, x: torch.Tensor, in_features: int) -> None:
-    """The input of a layer must be a floating tensor of shape (..., in_features) in the layer's
-    dtype and on the layer's device; with ``check_finite`` on (see the module docstring) it must
-    also be finite."""
-    name = type(layer).__name__
+class CheckedInput:
+    """Mixin of every fastff layer: the ``check_finite`` flag read by ``check_input``.
+
+    ``None`` (default) follows ``set_check_finite``; ``True`` makes a NaN / inf input raise
+    ``ValueError``; ``False`` lets it propagate. Setting it on a layer sets it on the fastff
+    layers inside it too (e.g. FFF's master leaf)."""
+
+    @property
+    def check_finite(self) -> bool | None:
+        return self.__dict__.get("_check_finite")
+
+    @check_finite.setter
+    def check_finite(self, value: bool | None) -> None:
+        if value is not None:
+            check_bool("check_finite", value)
+        for m in self.modules():
+            if isinstance(m, CheckedInput):
+                m.__dict__["_check_finite"] = value
+
+
+def check_input(layer: CheckedInput, x: torch.Tensor, in_features: int, param: torch.Tensor) -> None:
+    """The input of a layer must be a floating tensor of shape (..., in_features) in the dtype and
+    on the device of the layer's parameter ``param``; with ``check_finite`` on (see the module
+    docstring) it must also be finite. (Runs on every call: the common case costs a few
+    attribute reads.)"""
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} expects a torch.Tensor of shape (..., {in_features}), got {type(x).__name__}")
-    if x.dim() == 0 or x.shape[-1] != in_features:
-        raise ValueError(f"{name} expects input of shape (..., {in_features}), got {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} expects a floating-point input, got dtype {x.dtype}")
-    param = next(layer.parameters())
-    if x.dtype != param.dtype:
-        raise TypeError(f"{name} has parameters of dtype {param.dtype} but got input of dtype {x.dtype}; "
-                        f"convert one of them (e.g. layer.to({param.dtype}) or x.to({param.dtype}))")
-    if x.device != param.device:
-        raise ValueError(f"{name} has parameters on device '{param.device}' but got input on device "
-                         f"'{x.device}'; move one of them (e.g. x.to('{param.device}'))")
-    flag = getattr(layer, "check_finite", None)
+        raise TypeError(f"{type(layer).__name__} expects a torch.Tensor of shape (..., {in_features}), "
+                        f"got {type(x).__name__}")
+    shape = x.shape
+    if not shape or shape[-1] != in_features:
+        raise ValueError(f"{type(layer).__name__} expects input of shape (..., {in_features}), got {tuple(shape)}")
+    if x.dtype is not param.dtype:
+        if not x.is_floating_point():
+            raise TypeError(f"{type(layer).__name__} expects a floating-point input, got dtype {x.dtype}")
+        raise TypeError(f"{type(layer).__name__} has parameters of dtype {param.dtype} but got input of dtype "
+                        f"{x.dtype}; convert one of them (e.g. layer.to({param.dtype}) or x.to({param.dtype}))")
+    if not (x.is_cpu and param.is_cpu) and x.device != param.device:
+        raise ValueError(f"{type(layer).__name__} has parameters on device '{param.device}' but got input on "
+                         f"device '{x.device}'; move one of them (e.g. x.to('{param.device}'))")
+    flag = layer.__dict__.get("_check_finite")
     if (_check_finite if flag is None else flag) and not x.is_meta and not torch.compiler.is_compiling():
         bad = (~torch.isfinite(x)).sum().item()
         if bad:
-            raise ValueError(f"{name} got {bad} non-finite (NaN or inf) input value(s) in an input of shape "
-                             f"{tuple(x.shape)} (check_finite is on)")
+            raise ValueError(f"{type(layer).__name__} got {bad} non-finite (NaN or inf) input value(s) in an "
+                             f"input of shape {tuple(shape)} (check_finite is on)")
 
 
 class ShapeCheckedLoad:

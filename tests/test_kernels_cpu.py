@@ -11,18 +11,22 @@ import fastff
 from fastff import kernels
 from fastff.functional import ACTIVATIONS
 from fastff.kernels import cpu, reference as R
+from fastff.kernels._threads import set_threads
 
 from _routing import route_margin
 
-# (THROUGHPUT_MIN_ROWS, PARALLEL_MIN_BYTES, SUBTREE_BYTES) forcing each code path whatever the
-# batch size; the NeuronTree throughput path then groups rows on the deepest possible level.
-PATHS = {"serial": (1 << 40, 1 << 40, 1 << 19), "parallel": (1 << 40, 0, 1 << 19), "throughput": (0, 0, 0)}
+# (THROUGHPUT_MIN_ROWS, PARALLEL_MIN_BYTES, SUBTREE_BYTES, GEMM_MIN_LEAF) forcing each code path
+# whatever the batch size; the NeuronTree throughput path then groups rows on the deepest possible
+# level; "throughput" runs FFF leaves with the hand-written tile loops, "gemm" with BLAS GEMMs.
+PATHS = {"serial": (1 << 40, 1 << 40, 1 << 19, 1 << 40), "parallel": (1 << 40, 0, 1 << 19, 1 << 40),
+         "throughput": (0, 0, 0, 1 << 40), "gemm": (0, 0, 0, 1)}
 LEADING = [(0,), (1,), (7,), (2, 3, 5), (40,)]
 
 
 def forced_path(path: str) -> ExitStack:
     stack = ExitStack()
-    for name, value in zip(("THROUGHPUT_MIN_ROWS", "PARALLEL_MIN_BYTES", "SUBTREE_BYTES"), PATHS[path]):
+    for name, value in zip(("THROUGHPUT_MIN_ROWS", "PARALLEL_MIN_BYTES", "SUBTREE_BYTES", "GEMM_MIN_LEAF"),
+                           PATHS[path]):
         stack.enter_context(mock.patch.object(cpu, name, value))
     return stack
 
@@ -123,21 +127,22 @@ def test_depth_15(layer):
         assert_matches(m(x), ref, keep)
 
 
-@pytest.mark.parametrize("path", ["parallel", "throughput"])
+@pytest.mark.parametrize("path", ["parallel", "throughput", "gemm"])
 def test_same_result_with_one_and_two_threads(path):
     torch.manual_seed(1)
     f = fastff.FFF(32, 8, 5, 16, backend="cpu").eval()
     n = fastff.NeuronTree(32, 8, 6, 2, backend="cpu").eval()
     x = torch.randn(300, 32)
-    before = numba.get_num_threads()
+    before = torch.get_num_threads()
     outs = []
     try:
         for threads in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
-            numba.set_num_threads(threads)
+            set_threads(threads)         # the kernels follow torch's thread count
             with torch.no_grad(), forced_path(path):
                 outs.append((f(x), n(x)))
+            assert numba.get_num_threads() == threads
     finally:
-        numba.set_num_threads(before)
+        set_threads(before)
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
@@ -181,8 +186,8 @@ def test_auto_uses_cpu_kernels_for_inference_only(dtype):
     f = fastff.FFF(8, 3, 3, 4).to(dtype).eval()
     n = fastff.NeuronTree(8, 3, 3).to(dtype).eval()
     x = torch.randn(4, 8, dtype=dtype)
-    with mock.patch.object(cpu, "_fff_hard_eager", wraps=cpu._fff_hard_eager) as fk, \
-            mock.patch.object(cpu, "_neuron_tree_eager", wraps=cpu._neuron_tree_eager) as nk:
+    with mock.patch.object(cpu, "fff_eager", wraps=cpu.fff_eager) as fk, \
+            mock.patch.object(cpu, "neuron_tree_eager", wraps=cpu.neuron_tree_eager) as nk:
         with torch.no_grad():
             f(x), n(x)
         assert fk.call_count == 1 and nk.call_count == 1

@@ -55,42 +55,51 @@ def get_backend() -> str:
 
 def cpu_applies(*tensors) -> bool:
     """Whether ``"auto"`` runs these tensors (None skipped) on the ``"cpu"`` kernels: all on the
-    CPU in one dtype of ``cpu.DTYPES``, and no gradient needed. (Hot path of every batch-1 call.)"""
+    CPU in one dtype of ``cpu.DTYPES``, and no gradient needed."""
     dtype = tensors[0].dtype
-    if dtype not in cpu.DTYPES:
+    if dtype not in cpu.DTYPES or _needs_grad(tensors):
         return False
-    grad = torch.is_grad_enabled()
-    return all(t is None or (t.is_cpu and t.dtype is dtype and not (grad and t.requires_grad)) for t in tensors)
+    return all(t is None or (t.is_cpu and t.dtype is dtype) for t in tensors)
 
 
 def triton_applies(*tensors) -> bool:
     """Whether ``"auto"`` runs these tensors (None skipped) on the ``"triton"`` kernels."""
-    present = [t for t in tensors if t is not None]
-    return _HAS_TRITON and all(t.is_cuda for t in present) and not _needs_grad(present)
+    return (_HAS_TRITON and all(t is None or t.is_cuda for t in tensors) and not _needs_grad(tensors))
 
 
 def _needs_grad(tensors) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
-def _pick(tensors):
-    if cpu_applies(*tensors):
-        return cpu
-    return triton if triton_applies(*tensors) else vectorized
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 class _Auto:
-    """Backend ``"auto"``: picks ``cpu``, ``triton`` or ``torch`` per call, looking at every tensor."""
+    """Backend ``"auto"``: picks ``cpu``, ``triton`` or ``torch`` per call, looking at every tensor.
+    (The eager CPU case is the hot path of every batch-1 call: one cached weight lookup.)"""
 
     @staticmethod
     def fff_hard(x, node_w, node_b, w1, b1, w2, b2, activation: str) -> torch.Tensor:
-        tensors = (x, node_w, node_b, w1, b1, w2, b2)
-        return _pick(tensors).fff_hard(*tensors, activation)
+        weights = (node_w, node_b, w1, b1, w2, b2)
+        if not _needs_grad((x, *weights)):
+            views = cpu.usable_views(x, weights)
+            if views is not None:
+                return cpu.fff_eager(x, views, activation)
+        return _pick((x, *weights)).fff_hard(x, *weights, activation)
 
     @staticmethod
     def neuron_tree(x, w_in, b_in, w_out, b_out, activation: str) -> torch.Tensor:
-        tensors = (x, w_in, b_in, w_out, b_out)
-        return _pick(tensors).neuron_tree(*tensors, activation)
+        weights = (w_in, b_in, w_out, b_out)
+        if not _needs_grad((x, *weights)):
+            views = cpu.usable_views(x, weights)
+            if views is not None:
+                return cpu.neuron_tree_eager(x, views, activation)
+        return _pick((x, *weights)).neuron_tree(x, *weights, activation)
+
+
+def _pick(tensors):
+    """The backend for calls ``usable_views`` did not take: the CPU op when traced, else Triton
+    or torch."""
+    if cpu_applies(*tensors):
+        return cpu
+    return triton if triton_applies(*tensors) else vectorized
 
 
 AUTO = _Auto()
@@ -99,5 +108,10 @@ AUTO = _Auto()
 def resolve(backend: str | None, x):
     """The backend that runs ``x``: ``backend`` if given, else the global default. ``"auto"``
     returns a dispatcher that chooses per call (see the module docstring)."""
-    name = check_choice("backend", backend or _default, ("auto", *BACKENDS))
-    return AUTO if name == "auto" else BACKENDS[name]
+    name = backend or _default
+    if name == "auto":
+        return AUTO
+    module = BACKENDS.get(name) if isinstance(name, str) else None
+    if module is None:
+        check_choice("backend", name, ("auto", *BACKENDS))   # raises: not a backend name
+    return module

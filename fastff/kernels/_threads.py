@@ -2,7 +2,7 @@
 
 numba's ``omp`` threading layer shares libgomp with PyTorch, so a numba parallel launch would
 reset the OpenMP thread count that ``torch.get_num_threads()`` reports (and a numba kernel
-would ignore ``torch.set_num_threads``). Kernels entered through ``follow_torch_threads`` use
+would ignore ``torch.set_num_threads``). Kernels entered through ``with_torch_threads`` / ``follow_torch_threads`` use
 torch's thread count and leave it as it was. BLAS calls made inside numba's parallel loops
 (``np.dot`` -> scipy's OpenBLAS) must not start BLAS threads of their own: ``single_threaded_blas``.
 """
@@ -15,20 +15,26 @@ import torch
 from threadpoolctl import ThreadpoolController
 
 
+def with_torch_threads(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` with numba on ``torch.get_num_threads()`` threads; torch's count is restored
+    after (for numba kernels that may start its thread pool)."""
+    n = torch.get_num_threads()
+    want = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != want:
+        numba.set_num_threads(want)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+
+
 def follow_torch_threads(fn):
-    """Decorator: run ``fn`` with numba on ``torch.get_num_threads()`` threads; restore torch's count after."""
+    """Decorator form of ``with_torch_threads``."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        n = torch.get_num_threads()
-        want = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
-        if numba.get_num_threads() != want:
-            numba.set_num_threads(want)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            if torch.get_num_threads() != n:
-                torch.set_num_threads(n)
+        return with_torch_threads(fn, *args, **kwargs)
 
     return wrapper
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._checks import ShapeCheckedLoad, check_bool, check_input
+from .._checks import CheckedInput, ShapeCheckedLoad, check_input
 from ..io import serializable
 
 
-class RoutedLayer(ShapeCheckedLoad, nn.Module):
+class RoutedLayer(CheckedInput, ShapeCheckedLoad, nn.Module):
     """Base of FFF, NeuronTree and MoE.
 
     Subclasses implement ``_forward_2d(x (B, in_features)) -> (B, out_features)``; this class
@@ -35,32 +35,27 @@ class RoutedLayer(ShapeCheckedLoad, nn.Module):
         super().__init__()
         self.aux: dict[str, torch.Tensor] = {}
 
-    @property
-    def check_finite(self) -> bool | None:
-        return self.__dict__.get("_check_finite")
-
-    @check_finite.setter
-    def check_finite(self, value: bool | None) -> None:
-        """Set for this layer and the fastff layers inside it (e.g. FFF's master leaf)."""
-        if value is not None:
-            check_bool("check_finite", value)
-        for m in self.modules():
-            if isinstance(m, RoutedLayer):
-                m.__dict__["_check_finite"] = value
-            elif type(m).__module__.startswith("fastff."):     # e.g. DenseFF, read by check_input
-                m.check_finite = value
-
     def __getstate__(self):
         """Copies and pickles start with ``aux = {}``: it is per-forward state whose tensors
         belong to the autograd graph (``copy.deepcopy`` cannot copy non-leaf tensors)."""
         return dict(super().__getstate__(), aux={})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(self, x, self.in_features)
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        y = self._forward_meta(x2) if x.is_meta else self._forward_2d(x2)
-        return y.reshape(*lead, self.out_features)
+        check_input(self, x, self.in_features, self._param(self._reference))
+        if x.is_meta:
+            return self._forward_meta(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
+        if x.dim() == 2:
+            return self._forward_2d(x)
+        return self._forward_2d(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
+
+    _reference: str  # name of the parameter whose dtype and device inputs must have
+
+    def _param(self, name: str) -> torch.Tensor | None:
+        """Parameter ``name``, read from ``_parameters`` when registered there: the eval hot path
+        skips ``nn.Module.__getattr__`` (~0.5 µs per attribute); anything else (a parametrized
+        weight, an absent bias) takes the normal attribute lookup."""
+        p = self._parameters.get(name)
+        return p if p is not None else getattr(self, name)
 
     def _forward_meta(self, x: torch.Tensor) -> torch.Tensor:
         try:

@@ -4,11 +4,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._checks import check_choice, check_input, check_int
+from .._checks import CheckedInput, check_choice, check_input, check_int
 from ..functional import ACTIVATIONS, get_activation
 
 
-class DenseFF(nn.Module):
+class DenseFF(CheckedInput, nn.Module):
     """``y = W2 act(W1 x + b1) + b2``; x (..., in_features) -> (..., out_features)."""
 
     def __init__(self, in_features: int, out_features: int, hidden: int, activation: str = "gelu"):
@@ -31,7 +31,7 @@ class DenseFF(nn.Module):
         return self.hidden
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(self, x, self.in_features)
+        check_input(self, x, self.in_features, self.fc1.weight)
         return self.fc2(get_activation(self.activation)(self.fc1(x)))
 
     def extra_repr(self) -> str:

@@ -55,6 +55,8 @@ class FFF(RoutedLayer):
     w2 (L, leaf_width, out), b2 (L, out); all uniform ±1/sqrt(fan_in).
     """
 
+    _reference = "node_w"
+
     def __init__(self, in_features: int, out_features: int, depth: int, leaf_width: int,
                  activation: str = "relu", dropout: float = 0.0, region_leak: float = 0.0,
                  train_hardened: bool = False, master_leaf: str | None = None,
@@ -118,9 +120,12 @@ class FFF(RoutedLayer):
             self.node_usage.zero_()
 
     def _forward_2d(self, x: torch.Tensor) -> torch.Tensor:
-        train = self._soft if self.train_mode == "soft" else self._hard_path
-        tree = train(x) if self.training else kernels.resolve(self.backend, x).fff_hard(
-            x, self.node_w, self.node_b, self.w1, self.b1, self.w2, self.b2, self.activation)
+        if self.training:
+            tree = self._soft(x) if self.train_mode == "soft" else self._hard_path(x)
+        else:
+            p = self._param
+            tree = kernels.resolve(self.backend, x).fff_hard(
+                x, p("node_w"), p("node_b"), p("w1"), p("b1"), p("w2"), p("b2"), self.activation)
         if self.master is None:
             return tree
         g = torch.sigmoid(self.gate(x) if self.master_leaf == "token" else self.gate)

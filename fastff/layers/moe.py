@@ -21,6 +21,8 @@ class MoE(RoutedLayer):
     w1 (E, in, H), b1 (E, H), w2 (E, H, out), b2 (E, out).
     """
 
+    _reference = "w1"
+
     def __init__(self, in_features: int, out_features: int, experts: int, expert_width: int,
                  k: int = 1, activation: str = "gelu"):
         super().__init__()

@@ -32,6 +32,8 @@ class NeuronTree(RoutedLayer):
     w_out, b_out uniform ±1/sqrt(K·(depth+1)) (the neurons active per row).
     """
 
+    _reference = "w_in"
+
     def __init__(self, in_features: int, out_features: int, depth: int, trees: int = 1,
                  activation: str = "gelu", bias: bool = True, backend: str | None = None,
                  usage: str | None = None):
@@ -47,7 +49,10 @@ class NeuronTree(RoutedLayer):
         self.w_in = nn.Parameter(torch.empty(trees, M, in_features).uniform_(-b_in, b_in))
         self.b_in = nn.Parameter(torch.empty(trees, M).uniform_(-b_in, b_in))
         self.w_out = nn.Parameter(torch.empty(trees, M, out_features).uniform_(-b_out, b_out))
-        self.b_out = nn.Parameter(torch.empty(out_features).uniform_(-b_out, b_out)) if check_bool("bias", bias) else None
+        if check_bool("bias", bias):
+            self.b_out = nn.Parameter(torch.empty(out_features).uniform_(-b_out, b_out))
+        else:
+            self.register_parameter("b_out", None)
         self.usage = check_choice("usage", usage, USAGE)
         if usage is not None:
             self.register_buffer("neuron_usage", torch.zeros(trees, M))
@@ -74,7 +79,8 @@ class NeuronTree(RoutedLayer):
     def _forward_2d(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return kernels.resolve(self.backend, x).neuron_tree(
-                x, self.w_in, self.b_in, self.w_out, self.b_out, self.activation)
+                x, self._param("w_in"), self._param("b_in"), self._param("w_out"), self._param("b_out"),
+                self.activation)
         y, nodes = autograd.neuron_tree_conditional(x, self.w_in, self.b_in, self.w_out, self.b_out,
                                                     self.activation)
         if self.usage == "hard":
