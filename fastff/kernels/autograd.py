@@ -26,7 +26,7 @@ from numba import njit, prange
 from .._checks import check_choice
 from ..functional import get_activation, neuron_tree_walk
 from ._threads import follow_torch_threads, single_threaded_blas
-from .cpu import _np  # C-contiguous numpy view (copy only if needed), shared with the inference kernels
+from .cpu import _np, group_rows  # shared with the inference kernels
 
 IMPLS = ("auto", "numba", "torch")
 # activations the numba kernels implement (others run on the torch path); code 0 = identity
@@ -64,23 +64,6 @@ def _act(code, a):
         s = 1.0 / (1.0 + math.exp(-a))
         return s, s * (1.0 - s)
     return a, 1.0                                                      # identity
-
-
-@njit(cache=True)
-def _nb_group(keys, n_keys):
-    """Counting sort. keys (P,) int64 in [0, n_keys) -> (order (P,): positions grouped by key,
-    starts (n_keys + 1,): group j is order[starts[j]:starts[j+1]])."""
-    starts = np.zeros(n_keys + 1, dtype=np.int64)
-    for p in range(keys.shape[0]):
-        starts[keys[p] + 1] += 1
-    for j in range(n_keys):
-        starts[j + 1] += starts[j]
-    fill = starts[:-1].copy()
-    order = np.empty(keys.shape[0], dtype=np.int64)
-    for p in range(keys.shape[0]):
-        order[fill[keys[p]]] = p
-        fill[keys[p]] += 1
-    return order, starts
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -264,8 +247,8 @@ def _rows(m: int, nodes: np.ndarray) -> np.ndarray:
 
 def _scatter_outer(h: np.ndarray, v: np.ndarray, idx: np.ndarray, n_rows: int, grouping=None) -> np.ndarray:
     """Weight gradient ``G[idx[b, s]] += h[b, s] · v[b]``. h, idx (B,S), v (B,F) -> (n_rows, F).
-    ``grouping``: ``_nb_group(idx.ravel(), n_rows)`` if already computed."""
-    order, starts = _nb_group(idx.ravel(), n_rows) if grouping is None else grouping
+    ``grouping``: ``group_rows(idx.ravel(), n_rows)`` if already computed."""
+    order, starts = group_rows(idx.ravel(), n_rows) if grouping is None else grouping
     out = np.empty((n_rows, v.shape[1]), dtype=v.dtype)
     with numba.parallel_chunksize(_CHUNK):
         _nb_scatter_outer(h.ravel()[order], v, order // max(1, idx.shape[1]), starts, out)
@@ -318,7 +301,7 @@ class _NeuronTree(torch.autograd.Function):
         _nb_nt_forward(*args, np.arange(x.shape[0]), 0, split, nodes, pre, y)
         if split < T:
             last = 2 * nodes[:, 0, split - 1] + 1 + (pre[:, 0, split - 1] >= 0)
-            _nb_nt_forward(*args, _nb_group(last, M)[0], split, T, nodes, pre, y)
+            _nb_nt_forward(*args, group_rows(last, M)[0], split, T, nodes, pre, y)
         nodes = torch.from_numpy(nodes)
         ctx.save_for_backward(x, w_in, w_out, nodes, torch.from_numpy(pre))
         ctx.code = code
@@ -332,14 +315,14 @@ class _NeuronTree(torch.autograd.Function):
         K, M, F = w_in.shape
         # rows sorted by their (first tree's) path: neighbours share weight rows (cache reuse);
         # the big permutations run as (parallel) torch index ops
-        order = torch.from_numpy(_nb_group(nodes[:, 0, -1].numpy().copy(), M)[0])
+        order = torch.from_numpy(group_rows(nodes[:, 0, -1].numpy().copy(), M)[0])
         xs, gs = (_np(t.index_select(0, order)) for t in (x, g.contiguous()))
         nodes, pre = nodes.numpy()[order.numpy()], pre.numpy()[order.numpy()]
         gx_sorted, da, h = np.empty_like(xs), np.empty_like(pre), np.empty_like(pre)
         _nb_nt_backward_rows(xs, gs, _np(w_in), _np(w_out), ctx.code, nodes, pre, gx_sorted, da, h, xs.dtype.type(0))
         gx = torch.empty_like(x).index_copy_(0, order, torch.from_numpy(gx_sorted))
         idx = _rows(M, nodes)
-        grouping = _nb_group(idx.ravel(), K * M)
+        grouping = group_rows(idx.ravel(), K * M)
         gw_in = _scatter_outer(da, xs, idx, K * M, grouping).reshape(K, M, F)
         gw_out = _scatter_outer(h, gs, idx, K * M, grouping).reshape(K, M, -1)
         gb_in = np.bincount(idx.ravel(), weights=da.ravel(), minlength=K * M).astype(da.dtype).reshape(K, M)
@@ -371,7 +354,7 @@ class _Leaves(torch.autograd.Function):
     @staticmethod
     @follow_torch_threads
     def forward(ctx, x, w1, b1, w2, b2, gate, leaf, mask, code):
-        order, starts = _nb_group(_np(leaf), w1.shape[0])
+        order, starts = group_rows(_np(leaf), w1.shape[0])
         B, H = x.shape[0], w1.shape[-1]
         a = np.empty((B, H), dtype=_np(x).dtype)
         leaf_out, y = np.empty((B, w2.shape[-1]), dtype=a.dtype), np.empty((B, w2.shape[-1]), dtype=a.dtype)

@@ -246,29 +246,38 @@ def _fff_route(x, node_w, node_b, depth, leaf):
         leaf[r] = _fff_leaf(x[r], node_w, node_b, depth)
 
 
-@njit(**_JIT)
+@njit(cache=True)
+def group_rows(keys, n_keys):
+    """Counting sort. keys (P,) int64 in [0, n_keys) -> (order (P,): positions grouped by key,
+    stable; starts (n_keys + 1,): group j is order[starts[j]:starts[j+1]])."""
+    starts = np.zeros(n_keys + 1, np.int64)
+    for p in range(keys.shape[0]):
+        starts[keys[p] + 1] += 1
+    for j in range(n_keys):
+        starts[j + 1] += starts[j]
+    fill = starts[:-1].copy()
+    order = np.empty(keys.shape[0], np.int64)
+    for p in range(keys.shape[0]):
+        order[fill[keys[p]]] = p
+        fill[keys[p]] += 1
+    return order, starts
+
+
+@njit(cache=True)
 def _group_tiles(key, n_keys, tile):
-    """Counting sort of rows by ``key`` (B,), cut into tiles of <= ``tile`` rows of one key.
+    """Rows grouped by ``key`` (B,), cut into tiles of <= ``tile`` rows of one key.
 
     Returns (order (B,) rows grouped by key, tiles (T, 3) of [key, start, stop] into order).
     """
-    counts = np.zeros(n_keys + 1, np.int64)
-    for r in range(key.shape[0]):
-        counts[key[r] + 1] += 1
+    order, starts = group_rows(key, n_keys)
     n_tiles = 0
     for g in range(n_keys):
-        n_tiles += (counts[g + 1] + tile - 1) // tile
-        counts[g + 1] += counts[g]
-    order = np.empty(key.shape[0], np.int64)
-    fill = counts[:-1].copy()
-    for r in range(key.shape[0]):
-        order[fill[key[r]]] = r
-        fill[key[r]] += 1
+        n_tiles += (starts[g + 1] - starts[g] + tile - 1) // tile
     tiles = np.empty((n_tiles, 3), np.int64)
     t = 0
     for g in range(n_keys):
-        for s in range(counts[g], counts[g + 1], tile):
-            tiles[t, 0], tiles[t, 1], tiles[t, 2] = g, s, min(s + tile, counts[g + 1])
+        for s in range(starts[g], starts[g + 1], tile):
+            tiles[t, 0], tiles[t, 1], tiles[t, 2] = g, s, min(s + tile, starts[g + 1])
             t += 1
     return order, tiles
 
