@@ -16,7 +16,6 @@ trade-off). On other devices the same maths runs as differentiable torch gathers
 """
 from __future__ import annotations
 
-import math
 
 import numba
 import numpy as np
@@ -26,11 +25,9 @@ from numba import njit, prange
 from .._checks import check_choice
 from ..functional import get_activation, neuron_tree_walk
 from ._threads import follow_torch_threads, single_threaded_blas
-from .cpu import _np, group_rows  # shared with the inference kernels
+from .cpu import ACT_CODES, _act_grad, _np, group_rows  # shared with the inference kernels
 
 IMPLS = ("auto", "numba", "torch")
-# activations the numba kernels implement (others run on the torch path); code 0 = identity
-_ACT_CODES = {name: i for i, name in enumerate(("identity", "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid"))}
 _SORT_LEVEL = 6     # NeuronTree forward: rows are re-sorted by their node after this many levels
 _CHUNK = 8          # dynamic scheduling chunk for the grouped loops (the root / big leaves are heavy)
 
@@ -38,34 +35,6 @@ _CHUNK = 8          # dynamic scheduling chunk for the grouped loops (the root /
 # --------------------------------------------------------------------------------------------
 # numba helpers
 # --------------------------------------------------------------------------------------------
-_RELU, _GELU, _GELU_TANH, _SILU, _TANH, _SIGMOID = (_ACT_CODES[n] for n in
-                                                    ("relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid"))
-_SQRT_HALF, _INV_SQRT_2PI, _TANH_K = 1 / math.sqrt(2), 1 / math.sqrt(2 * math.pi), math.sqrt(2 / math.pi)
-
-
-@njit(inline="always", fastmath=True)
-def _act(code, a):
-    """Activation ``code`` (see ``_ACT_CODES``) and its derivative at ``a``."""
-    if code == _RELU:
-        return (a, 1.0) if a > 0 else (0.0 * a, 0.0)
-    if code == _GELU:
-        cdf = 0.5 * (1.0 + math.erf(a * _SQRT_HALF))
-        return a * cdf, cdf + a * _INV_SQRT_2PI * math.exp(-0.5 * a * a)
-    if code == _GELU_TANH:
-        t = math.tanh(_TANH_K * (a + 0.044715 * a * a * a))
-        return 0.5 * a * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * a * (1.0 - t * t) * _TANH_K * (1.0 + 3 * 0.044715 * a * a)
-    if code == _SILU:
-        s = 1.0 / (1.0 + math.exp(-a))
-        return a * s, s * (1.0 + a * (1.0 - s))
-    if code == _TANH:
-        t = math.tanh(a)
-        return t, 1.0 - t * t
-    if code == _SIGMOID:
-        s = 1.0 / (1.0 + math.exp(-a))
-        return s, s * (1.0 - s)
-    return a, 1.0                                                      # identity
-
-
 @njit(parallel=True, fastmath=True, cache=True)
 def _nb_scatter_outer(h, v, rows, starts, out):
     """out[j] = Σ_{p in starts[j]:starts[j+1]} h[p] · v[rows[p]] for every table row j (pairs
@@ -125,7 +94,7 @@ def _nb_nt_forward(x, w_in, b_in, w_out, b_out, code, order, t0, t1, nodes, pre,
                     acc += x[r, f] * w_in[k, n, f]
                 nodes[r, k, t] = n
                 pre[r, k, t] = acc
-                h, _ = _act(code, acc)
+                h, _ = _act_grad(acc, code)
                 for o in range(y.shape[1]):
                     y[r, o] += h * w_out[k, n, o]
                 n = 2 * n + 1 + (1 if acc >= 0 else 0)
@@ -143,7 +112,7 @@ def _nb_nt_backward_rows(x, g, w_in, w_out, code, nodes, pre, gx, da, h, zero):
                 gh = zero
                 for o in range(g.shape[1]):
                     gh += g[r, o] * w_out[k, n, o]
-                hv, dv = _act(code, pre[r, k, t])
+                hv, dv = _act_grad(pre[r, k, t], code)
                 d = gh * dv
                 h[r, k, t] = hv
                 da[r, k, t] = d
@@ -175,7 +144,7 @@ def _nb_leaf_forward(x, w1, b1, w2, b2, gate, mask, code, order, starts, a, leaf
         for p in range(rows.shape[0]):
             for j in range(al.shape[1]):
                 al[p, j] += b1[l, j]
-                v, _ = _act(code, al[p, j])
+                v, _ = _act_grad(al[p, j], code)
                 hl[p, j] = v * mask[rows[p] if mask.shape[0] > 1 else 0, j]
         ol = np.dot(hl, w2[l])
         for p in range(rows.shape[0]):
@@ -211,7 +180,7 @@ def _nb_leaf_backward(x, g, w1, w2, gate, mask, code, order, starts, a, leaf_out
                 gl[p, o] *= gate[r]
             ggate[r] = acc
             for j in range(hl.shape[1]):
-                v, dv = _act(code, a[r, j])
+                v, dv = _act_grad(a[r, j], code)
                 m = mask[r if mask.shape[0] > 1 else 0, j]
                 hl[p, j] = v * m
                 dact[p, j] = dv * m
@@ -233,9 +202,9 @@ def _use_numba(impl: str, activation: str, *tensors: torch.Tensor) -> bool:
     on_cpu = all(t.device.type == "cpu" for t in tensors)
     if impl == "numba" and not on_cpu:
         raise ValueError("impl='numba' needs CPU tensors; use impl='torch' or 'auto' on other devices")
-    supported = activation in _ACT_CODES and all(t.dtype in (torch.float32, torch.float64) for t in tensors)
+    supported = activation in ACT_CODES and all(t.dtype in (torch.float32, torch.float64) for t in tensors)
     if impl == "numba" and not supported:
-        raise ValueError(f"impl='numba' supports float32/float64 and activations {sorted(_ACT_CODES)}; "
+        raise ValueError(f"impl='numba' supports float32/float64 and activations {sorted(ACT_CODES)}; "
                          f"got {tensors[0].dtype} and {activation!r}")
     return (impl == "numba" or (impl == "auto" and on_cpu)) and supported
 
@@ -340,7 +309,7 @@ def neuron_tree_conditional(x, w_in, b_in, w_out, b_out, activation: str, impl: 
     """
     if _use_numba(impl, activation, x, w_in):
         bias = w_out.new_zeros(w_out.shape[-1]) if b_out is None else b_out
-        return _NeuronTree.apply(x, w_in, b_in, w_out, bias, _ACT_CODES[activation])
+        return _NeuronTree.apply(x, w_in, b_in, w_out, bias, ACT_CODES[activation])
     depth = (w_in.shape[1] + 1).bit_length() - 2
     nodes, a = neuron_tree_walk(x, w_in, b_in, depth)                  # (B, K, D+1)
     tree = torch.arange(w_in.shape[0], device=x.device)[:, None]
@@ -413,7 +382,7 @@ def fff_hard_path(x, node_w, node_b, w1, b1, w2, b2, activation: str, flip=None,
     mask = (torch.nn.functional.dropout(x.new_ones(B, H), dropout, training=True) if dropout > 0
             else x.new_ones(1, H))
     if numba_:
-        y = _Leaves.apply(x, w1, b1, w2, b2, gate, leaf, mask, _ACT_CODES[activation])
+        y = _Leaves.apply(x, w1, b1, w2, b2, gate, leaf, mask, ACT_CODES[activation])
     else:
         h = get_activation(activation)(torch.einsum("bi,bih->bh", x, w1[leaf]) + b1[leaf]) * mask
         y = gate[:, None] * (torch.einsum("bh,bho->bo", h, w2[leaf]) + b2[leaf])

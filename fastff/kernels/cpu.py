@@ -89,6 +89,33 @@ def _act(a, code):
     return _like(a, r)
 
 
+_SQRT_HALF, _INV_SQRT_2PI, _TANH_K = 1 / math.sqrt(2), 1 / math.sqrt(2 * math.pi), math.sqrt(2 / math.pi)
+
+
+@njit(inline="always", fastmath=True)
+def _act_grad(a, code):
+    """(activation, its derivative) at ``a`` for a code from ``ACT_CODES``, in ``a``'s type
+    (the training kernels' version of ``_act``)."""
+    if code == 0:
+        return (a, 1.0) if a > 0 else (0.0 * a, 0.0)
+    if code == 1:
+        cdf = 0.5 * (1.0 + math.erf(a * _SQRT_HALF))
+        return a * cdf, cdf + a * _INV_SQRT_2PI * math.exp(-0.5 * a * a)
+    if code == 2:
+        t = math.tanh(_TANH_K * (a + 0.044715 * a * a * a))
+        return 0.5 * a * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * a * (1.0 - t * t) * _TANH_K * (1.0 + 3 * 0.044715 * a * a)
+    if code == 3:
+        s = 1.0 / (1.0 + math.exp(-a))
+        return a * s, s * (1.0 + a * (1.0 - s))
+    if code == 4:
+        t = math.tanh(a)
+        return t, 1.0 - t * t
+    if code == 5:
+        s = 1.0 / (1.0 + math.exp(-a))
+        return s, s * (1.0 - s)
+    return a, 1.0                                                      # identity
+
+
 @njit(inline="always", **_JIT)
 def _dot_plus(x, w, b):
     """b + x·w over the last axis (vectorised reduction)."""
