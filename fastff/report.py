@@ -113,7 +113,8 @@ def summarise(groups: list[list[dict]]) -> tuple[list[str], list[dict]]:
 
 # options that only mean something for some models (shown as "-" elsewhere)
 _ONLY_FOR = {"leaf": ("fff", "moe"), "top_k": ("moe",), "trees": ("neuron-tree",), "balance": ("fff", "moe"),
-             **{k: ("fff",) for k in ("region_leak", "master_leaf", "train_mode", "hardening", "hardening_mode")}}
+             **{k: ("fff",) for k in ("region_leak", "master_leaf", "train_mode", "hardening", "hardening_mode",
+                                     "hardening_warmup")}}
 
 
 def _cell(cfg: dict, c: str) -> str:

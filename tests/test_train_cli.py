@@ -2,6 +2,7 @@
 checkpoint round trip, and the rule that the test split is never used for selection."""
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 
@@ -11,7 +12,8 @@ import torch
 from fastff.cli import main
 from fastff.data import load_dataset
 from fastff.training import trainer
-from fastff.training.trainer import FFF_TRAIN_MODES, TrainConfig, fit, load_run, save_run
+from fastff.training.trainer import (FFF_TRAIN_MODES, TrainConfig, fit, hardening_weight, load_run, lr_factor,
+                                     make_optimizer, save_run)
 
 from test_data import write_idx_dir
 
@@ -115,8 +117,73 @@ def test_early_stopping_uses_validation(idx_dir, monkeypatch):
     assert result.best_epoch == 2 and len(result.epochs) == 4   # stopped after 2 epochs without improvement
 
 
+def test_recipe_options_stored_and_followed(idx_dir, tmp_path):
+    """The tiny train split (108 rows) is one batch, so epoch e is optimiser step e-1."""
+    out = tmp_path / "run"
+    assert main(["train", "--data", idx_dir, "--model", "fff", "--width", "8", "--leaf", "2", "--epochs", "4",
+                 "--optimizer", "adamw", "--lr", "0.01", "--weight-decay", "0.05", "--schedule", "cosine",
+                 "--warmup", "1", "--hardening", "3", "--hardening-warmup", "2", "--quiet", "--out", str(out)]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert {k: cfg[k] for k in ("optimizer", "lr", "weight_decay", "schedule", "warmup", "hardening_warmup")} == \
+        dict(optimizer="adamw", lr=0.01, weight_decay=0.05, schedule="cosine", warmup=1, hardening_warmup=2)
+    epochs = json.loads((out / "metrics.json").read_text())["epochs"]
+    # warm-up step 0 at full lr (1 of 1 warm-up steps), then half a cosine over the 3 remaining steps
+    assert [e["lr"] for e in epochs] == pytest.approx([0.01, 0.01, 0.0075, 0.0025])
+    assert [e["hardening"] for e in epochs] == pytest.approx([0.0, 1.5, 3.0, 3.0])
+    model, _ = load_run(out)
+    assert model.layer.depth == 2
+
+
+def test_paper_recipe_is_the_default():
+    cfg = TrainConfig(data="x", model="fff").validate()
+    assert (cfg.optimizer, cfg.lr, cfg.momentum, cfg.schedule, cfg.warmup, cfg.hardening, cfg.hardening_mode,
+            cfg.hardening_warmup, cfg.batch_size) == ("sgd", 0.2, 0.0, "none", 0, 3.0, "mean", 0, 256)
+    assert {lr_factor(cfg, s, 7) for s in range(70)} == {1.0}
+    assert {hardening_weight(cfg, s, 7) for s in range(70)} == {3.0}
+
+
+def test_schedules():
+    cfg = TrainConfig(data="x", epochs=10, warmup=2, schedule="step").validate()
+    # 2 warm-up epochs of 5 steps: lr rises linearly to the peak, then x0.1 at 50 % and 75 % of the 40 decay steps
+    assert [lr_factor(cfg, s, 5) for s in range(10)] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert [lr_factor(cfg, s, 5) for s in (10, 29, 30, 39, 40, 49)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    cosine = TrainConfig(data="x", epochs=4, schedule="cosine").validate()
+    assert [lr_factor(cosine, s, 1) for s in range(4)] == pytest.approx([1.0, 0.8535534, 0.5, 0.1464466])
+    ramp = TrainConfig(data="x", epochs=4, hardening=2.0, hardening_warmup=2).validate()
+    assert [hardening_weight(ramp, s, 2) for s in range(6)] == pytest.approx([0, 0.5, 1, 1.5, 2, 2])
+
+
+def test_optimizers():
+    model = torch.nn.Linear(3, 2)
+    sgd = make_optimizer(TrainConfig(data="x", momentum=0.9, weight_decay=1e-4), model)
+    assert type(sgd) is torch.optim.SGD and sgd.defaults["momentum"] == 0.9 and sgd.defaults["weight_decay"] == 1e-4
+    for name, kind in (("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)):
+        opt = make_optimizer(TrainConfig(data="x", optimizer=name, lr=1e-3, weight_decay=0.01), model)
+        assert type(opt) is kind and opt.defaults["lr"] == 1e-3 and opt.defaults["weight_decay"] == 0.01
+
+
+def test_hardening_warmup_starts_from_zero(idx_dir):
+    """A one-step run whose h ramp spans the whole run never applies hardening: its weights equal
+    those of a run with h = 0, and differ from the same run with the full h."""
+    data = load_dataset(idx_dir, seed=0)
+    base = dict(data=idx_dir, model="fff", width=8, leaf=2, epochs=1)
+
+    def weights(**kw):
+        model, _ = fit(TrainConfig(**base, **kw), data, progress=False)
+        return model.state_dict()
+
+    ramped, off, full = weights(hardening=3.0, hardening_warmup=1), weights(hardening=0.0), weights(hardening=3.0)
+    assert all(torch.equal(ramped[k], off[k]) for k in off)
+    assert not torch.equal(ramped["layer.node_w"], full["layer.node_w"])
+
+
 @pytest.mark.parametrize("opts, message", [
     (["--model", "fff", "--width", "12", "--leaf", "8"], "width must be leaf \\* a power of two"),
+    (["--optimizer", "adam", "--momentum", "0.9"], "momentum applies to optimizer 'sgd' only"),
+    (["--epochs", "3", "--warmup", "3"], "warmup must be in \\[0, 2\\]"),
+    (["--epochs", "3", "--hardening-warmup", "4"], "hardening_warmup must be in \\[0, 3\\]"),
+    (["--lr", "0"], "lr must be > 0"),
+    (["--weight-decay", "-0.1"], "weight_decay must be in \\[0, inf\\]"),
     (["--model", "fff", "--region-leak", "0.7"], "region_leak must be in \\[0, 0.5\\]"),
     (["--model", "moe", "--width", "8", "--leaf", "4", "--top-k", "3"], "top_k must be <= experts"),
     (["--epochs", "0"], "epochs must be >= 1"),
@@ -146,3 +213,28 @@ def test_experiment_and_report(idx_dir, tmp_path):
     assert main(["report", str(runs / "table1"), "--out", str(tmp_path / "r2"), "--name", "t"]) == 0
     table = lambda text: text[text.index("### "):text.index("![")]
     assert table((tmp_path / "r2" / "t.md").read_text()) == table(md)
+
+
+def test_recipe_grid_shares_one_recipe():
+    """Every row of `fastff experiment recipe` uses RECIPE; an eFFF row differs from the plain FFF
+    row of its seed exactly in its variant's options."""
+    from dataclasses import asdict
+
+    from fastff.experiments import cli as experiments
+
+    parser = argparse.ArgumentParser()
+    experiments.add_arguments(parser)
+    runs = dict(experiments.grid(parser.parse_args(["recipe"])))
+    assert len(runs) == 3 * (1 + len(experiments.RECIPE_VARIANTS))
+    for name, cfg in runs.items():
+        assert {k: getattr(cfg, k) for k in experiments.RECIPE} == experiments.RECIPE
+        assert (cfg.data, cfg.width, cfg.optimizer, cfg.lr) == ("fashion-mnist", 128, "sgd", 0.2)
+    for seed in range(3):
+        plain = asdict(runs[f"recipe_fff_s{seed}"])
+        assert (plain["master_leaf"], plain["balance"], plain["leaf"]) == ("none", 0.0, 8)
+        assert runs[f"recipe_ff_s{seed}"].model == "ff"
+        for variant, opts in experiments.RECIPE_VARIANTS.items():
+            cfg = asdict(runs[f"recipe_{variant}_s{seed}"])
+            assert {k for k in cfg if cfg[k] != plain[k]} == set(opts)
+    short = experiments.grid(parser.parse_args(["recipe", "--epochs", "2", "--seeds", "1"]))
+    assert {(cfg.epochs, cfg.hardening_warmup) for _, cfg in short} == {(2, 2)} and len(short) == len(runs) // 3

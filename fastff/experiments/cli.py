@@ -1,4 +1,4 @@
-"""`fastff experiment table1|ablation|moe|vit`: run a whole grid of `fastff train` runs, then its
+"""`fastff experiment table1|ablation|moe|vit|recipe`: run a whole grid of `fastff train` runs, then its
 report. Runs go to ``<runs>/<experiment>/<name>_s<seed>/``; a run whose metrics.json exists is
 skipped, so an interrupted grid resumes where it stopped. Each process uses one torch thread
 (``--threads``) so several grids can share the machine.
@@ -15,6 +15,9 @@ sizes are the flags shown):
 - vit:      FashionMNIST 5k training rows, 3 epochs, 3 seeds, ViT patch 7, dim 64, 2 layers,
             SGD momentum 0.9 lr 0.05, GELU, hardening 0.5 (reach mode):
             FF (128) vs FFF l=1 d=7 vs FFF l=8 d=4     (bigger: --limit 0 --epochs 20)
+- recipe:   FashionMNIST w=128, the improved recipe ``RECIPE`` (SGD lr 0.2 with cosine decay to 0,
+            h=3 hardening ramped in linearly over the first 10 epochs, 50 epochs), 3 seeds: FF,
+            plain FFF l=8 (no master leaf) and its eFFF variants ``RECIPE_VARIANTS`` (27 runs)
 """
 from __future__ import annotations
 
@@ -27,7 +30,16 @@ from ..data import BUILTIN
 from ..training.trainer import FFF_TRAIN_MODES, TrainConfig
 from ..kernels._threads import set_threads
 
-EXPERIMENTS = ("table1", "ablation", "moe", "vit")
+EXPERIMENTS = ("table1", "ablation", "moe", "vit", "recipe")
+# The `recipe` grid's training recipe (the other grids keep the FFF paper's: SGD 0.2 without
+# schedule, h=3 from the first step) and the FFF l=8 variants it trains with it.
+RECIPE = dict(schedule="cosine", hardening_warmup=10, epochs=50)
+RECIPE_VARIANTS = {"fff": {}, "balance": dict(balance=0.1), "master-scalar": dict(master_leaf="scalar"),
+                   "master-token": dict(master_leaf="token"), "reach": dict(hardening_mode="reach"),
+                   "region-leak": dict(region_leak=0.1),
+                   "reach+master-token+balance": dict(hardening_mode="reach", master_leaf="token", balance=0.1)}
+if "hard_path" in FFF_TRAIN_MODES:
+    RECIPE_VARIANTS["hard-path"] = dict(train_mode="hard_path")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -86,6 +98,12 @@ def grid(args: argparse.Namespace) -> list[tuple[str, TrainConfig]]:
                 ("moe_moe_e16_k1", base | dict(model="moe", leaf=16, top_k=1)),
                 ("moe_moe_e16_k2", base | dict(model="moe", leaf=16, top_k=2)),
                 ("moe_fff_l16", base | dict(model="fff", leaf=16))]   # FFF l=8 at w=128: see ablation
+    elif args.name == "recipe":
+        epochs = args.epochs or RECIPE["epochs"]     # a shorter run keeps its h ramp within the run
+        base = dict(data="fashion-mnist", width=128) | RECIPE | dict(
+            epochs=epochs, hardening_warmup=min(RECIPE["hardening_warmup"], epochs))
+        runs = [("recipe_ff", base | dict(model="ff"))]
+        runs += [(f"recipe_{k}", base | dict(model="fff", leaf=8) | v) for k, v in RECIPE_VARIANTS.items()]
     else:  # vit
         limit = 5000 if args.limit is None else args.limit
         base = dict(data="fashion-mnist", arch="vit", width=128, epochs=args.epochs or 3, limit=limit or None,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .trainer import ARCHS, FFF_TRAIN_MODES, MASTER_LEAF, MODELS, SELECT, TrainConfig
+from .trainer import ARCHS, FFF_TRAIN_MODES, MASTER_LEAF, MODELS, OPTIMIZERS, SCHEDULES, SELECT, TrainConfig
 from ..kernels._threads import set_threads
 
 
@@ -20,6 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hardening", type=float, default=d.hardening, help="h, weight of the node-entropy loss")
     p.add_argument("--hardening-mode", choices=("mean", "reach"), default=d.hardening_mode,
                    help="mean: the FFF paper's loss; reach: entropy weighted by the mass reaching each node")
+    p.add_argument("--hardening-warmup", type=int, default=d.hardening_warmup,
+                   help="epochs over which h ramps linearly from 0 to --hardening (0 = full h from the start)")
     p.add_argument("--region-leak", type=float, default=d.region_leak)
     p.add_argument("--balance", type=float, default=d.balance, help="load-balancing alpha (0 = off)")
     p.add_argument("--master-leaf", choices=MASTER_LEAF, default=d.master_leaf)
@@ -34,8 +36,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patch", type=int, default=d.patch)
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr, help="SGD learning rate")
-    p.add_argument("--momentum", type=float, default=d.momentum)
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
+    p.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help="L2 penalty (sgd, adam) / decoupled weight decay (adamw)")
+    p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule,
+                   help="learning-rate decay per step after the warm-up: none, cosine (to 0), "
+                        "step (x0.1 at 50%% and 75%% of the steps)")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="epochs of linear learning-rate warm-up")
     p.add_argument("--patience", type=int, default=d.patience,
                    help="stop after this many epochs without validation improvement (0 = never)")
     p.add_argument("--select", choices=SELECT, default=d.select,

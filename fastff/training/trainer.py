@@ -4,7 +4,11 @@ split is evaluated exactly once, after selection.
 
 A run directory holds ``model.safetensors`` (state dict), ``config.json`` (everything needed
 to rebuild the model, including the input standardisation) and ``metrics.json`` (per-epoch
-train/val accuracy, leaf usage, node entropy; final test accuracy and eval time).
+train/val accuracy, leaf usage, node entropy, lr and h; final test accuracy and eval time).
+
+The default recipe is the FFF paper's (plain SGD lr 0.2, batch 256, h = 3 from the first step);
+``optimizer``, ``schedule`` / ``warmup`` (per-step learning-rate schedule) and
+``hardening_warmup`` (h ramped in from 0) change it.
 """
 from __future__ import annotations
 
@@ -29,6 +33,9 @@ MODELS = ("ff", "fff", "neuron-tree", "moe")
 ARCHS = ("mlp", "vit")
 MASTER_LEAF = ("none", "scalar", "token")
 SELECT = ("val",)  # model selection split; selecting on test is deliberately impossible
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("none", "cosine", "step")   # learning-rate decay over the run (after any warm-up)
+STEP_MILESTONES = (0.5, 0.75)           # "step": lr x0.1 after these fractions of the decay steps
 # FFF training modes: "soft" always; "hard_path" only if this FFF version accepts ``train_mode``
 # (checked once at import so the CLI offers exactly what the layer supports).
 FFF_TRAIN_MODES = ("soft", "hard_path") if "train_mode" in inspect.signature(FFF).parameters else ("soft",)
@@ -58,7 +65,12 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 256
     lr: float = 0.2
-    momentum: float = 0.0
+    momentum: float = 0.0       # SGD only
+    optimizer: str = "sgd"
+    weight_decay: float = 0.0   # L2 (sgd, adam) or decoupled (adamw)
+    schedule: str = "none"
+    warmup: int = 0             # epochs of linear learning-rate warm-up
+    hardening_warmup: int = 0   # epochs over which h ramps linearly from 0 to `hardening`
     patience: int = 0           # early stopping on validation; 0 = train all epochs
     select: str = "val"
     seed: int = 0
@@ -78,13 +90,22 @@ class TrainConfig:
         check_choice("hardening_mode", self.hardening_mode, HARDENING_MODES)
         check_choice("master_leaf", self.master_leaf, MASTER_LEAF)
         check_choice("train_mode", self.train_mode, FFF_TRAIN_MODES)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("schedule", self.schedule, SCHEDULES)
         for name in ("width", "leaf", "top_k", "trees", "epochs", "batch_size", "vit_dim", "vit_layers",
                      "vit_heads", "patch"):
             check_int(name, getattr(self, name), 1)
         check_int("patience", self.patience, 0)
+        check_int("warmup", self.warmup, 0, self.epochs - 1)
+        check_int("hardening_warmup", self.hardening_warmup, 0, self.epochs)
         check_fraction("region_leak", self.region_leak, 0.5)
-        for name in ("hardening", "balance", "lr", "momentum"):
+        for name in ("hardening", "balance", "lr", "momentum", "weight_decay"):
             check_fraction(name, getattr(self, name), high=float("inf"))
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.momentum and self.optimizer != "sgd":
+            raise ValueError(f"momentum applies to optimizer 'sgd' only, got momentum={self.momentum} "
+                             f"with optimizer {self.optimizer!r}")
         if self.model in ("fff", "moe"):
             ratio = self.width // self.leaf
             if self.width % self.leaf or ratio & (ratio - 1):
@@ -199,14 +220,45 @@ def _has(model: nn.Module, kinds) -> bool:
     return any(isinstance(m, kinds) for m in model.modules())
 
 
-def aux_loss(model: nn.Module, cfg: TrainConfig) -> torch.Tensor | float:
-    """h · hardening (FFF only) + load balancing (FFF / MoE) for the last training forward."""
+def aux_loss(model: nn.Module, cfg: TrainConfig, hardening: float) -> torch.Tensor | float:
+    """``hardening`` · node entropy (FFF only) + load balancing (FFF / MoE) for the last training
+    forward."""
     loss = 0.0
-    if cfg.hardening > 0 and _has(model, FFF):
-        loss = loss + cfg.hardening * hardening_loss(model, cfg.hardening_mode)
+    if hardening > 0 and _has(model, FFF):
+        loss = loss + hardening * hardening_loss(model, cfg.hardening_mode)
     if cfg.balance > 0 and _has(model, (FFF, MoE)):
         loss = loss + load_balancing_loss(model, cfg.balance)
     return loss
+
+
+def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD (with ``momentum``), Adam or AdamW at ``cfg.lr`` with ``cfg.weight_decay``."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    kind = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    return kind(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """Multiplier of ``cfg.lr`` for optimiser step ``step`` (0-based): linear warm-up over
+    ``cfg.warmup`` epochs, then ``cfg.schedule`` over the remaining steps ("cosine": half a
+    cosine from 1 to 0; "step": x0.1 after each of ``STEP_MILESTONES``; "none": 1)."""
+    warm, total = cfg.warmup * steps_per_epoch, cfg.epochs * steps_per_epoch
+    if step < warm:
+        return (step + 1) / warm
+    t = (step - warm) / (total - warm)                  # fraction of the decay phase done, in [0, 1)
+    if cfg.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * t))
+    if cfg.schedule == "step":
+        return 0.1 ** sum(t >= m for m in STEP_MILESTONES)
+    return 1.0
+
+
+def hardening_weight(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """h at optimiser step ``step``: ramps linearly from 0 to ``cfg.hardening`` over the first
+    ``cfg.hardening_warmup`` epochs (so routing can spread before it hardens), then stays."""
+    ramp = cfg.hardening_warmup * steps_per_epoch
+    return cfg.hardening * min(1.0, step / ramp) if ramp else cfg.hardening
 
 
 @dataclass
@@ -230,7 +282,8 @@ def fit(cfg: TrainConfig, data: Dataset, progress: bool = True) -> tuple[nn.Modu
 
     Per-epoch train accuracy, leaf usage and node entropy are measured in eval mode on the first
     ``PROBE_ROWS`` rows of the (randomly ordered) train split, to save time; the selected
-    checkpoint's memorisation accuracy ``train_acc`` is measured on the whole train split."""
+    checkpoint's memorisation accuracy ``train_acc`` is measured on the whole train split. Each
+    epoch also records the learning rate and hardening weight h of its last optimiser step."""
     from tqdm.auto import tqdm
 
     cfg.n_features, cfg.n_classes = data.n_features, data.n_classes
@@ -239,7 +292,9 @@ def fit(cfg: TrainConfig, data: Dataset, progress: bool = True) -> tuple[nn.Modu
     cfg.validate()
     torch.manual_seed(cfg.seed)
     model = build_model(cfg)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    opt = make_optimizer(cfg, model)
+    steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(cfg, step, steps_per_epoch))
     shuffle = torch.Generator().manual_seed(cfg.seed)
     result = RunResult(config=asdict(cfg), neurons_per_inference=neurons_per_inference(model))
     best_acc, best_state, since_best = -1.0, None, 0
@@ -251,16 +306,19 @@ def fit(cfg: TrainConfig, data: Dataset, progress: bool = True) -> tuple[nn.Modu
         total, n = 0.0, 0
         for idx in torch.randperm(len(data.train), generator=shuffle).split(cfg.batch_size):
             x, y = data.train.x[idx], data.train.y[idx]
-            loss = nn.functional.cross_entropy(model(x), y) + aux_loss(model, cfg)
+            lr, h = opt.param_groups[0]["lr"], hardening_weight(cfg, sched.last_epoch, steps_per_epoch)
+            loss = nn.functional.cross_entropy(model(x), y) + aux_loss(model, cfg, h)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            sched.step()
             total += loss.item() * len(idx)
             n += len(idx)
         train = evaluate(model, probe, stats=True)
         val = evaluate(model, data.val)
         result.epochs.append({"epoch": epoch, "loss": total / n, "train_acc": train["acc"], "val_acc": val["acc"],
-                              "leaf_usage": train["leaf_usage"], "node_entropy": train["node_entropy"]})
+                              "leaf_usage": train["leaf_usage"], "node_entropy": train["node_entropy"],
+                              "lr": lr, "hardening": h})
         bar.set_postfix(loss=f"{total / n:.3f}", train=f"{train['acc']:.1f}", val=f"{val['acc']:.1f}")
         if not math.isfinite(total):
             break
