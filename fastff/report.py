@@ -151,21 +151,22 @@ def _plots(rows: list[dict], out: Path, name: str) -> list[Path]:
     import matplotlib.pyplot as plt
 
     files = []
-    # accuracy vs inference neurons: one line per configuration family (all but the width)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    # accuracy vs inference neurons: one line per configuration family (all but the width),
+    # labelled by its run name without the width tag (full configs would not fit in a legend)
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     families: dict[str, list[dict]] = {}
     for r in rows:
         fam = f"{r['config']['data']} " + " ".join(p for p in r["label"].split() if not p.startswith("width="))
         families.setdefault(fam, []).append(r)
-    for fam, rs in families.items():
+    for rs in families.values():
         rs = sorted(rs, key=lambda r: r["neurons"])
-        ax.errorbar([r["neurons"] for r in rs], [np.mean(r["GA"]) for r in rs],
-                    yerr=[np.std(r["GA"]) for r in rs], marker="o", capsize=3, label=fam)
+        ax.errorbar([r["neurons"] for r in rs], [np.mean(r["GA"]) for r in rs], yerr=[np.std(r["GA"]) for r in rs],
+                    marker="o", capsize=3, label=re.sub(r"_w\d+", "", rs[0]["run"]))
     ax.set_xscale("log", base=2)
     ax.set_xlabel("hidden neurons evaluated per inference")
     ax.set_ylabel("test accuracy GA (%)")
     ax.set_title(f"{name}: accuracy vs inference neurons (mean ± std over seeds)")
-    ax.legend(fontsize=6, ncol=2)
+    ax.legend(fontsize=6, ncol=1 + len(families) // 20, loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.grid(alpha=0.3)
     files.append(out / f"{name}_acc_vs_neurons.png")
     fig.tight_layout()

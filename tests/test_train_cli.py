@@ -216,8 +216,8 @@ def test_experiment_and_report(idx_dir, tmp_path):
 
 
 def test_recipe_grid_shares_one_recipe():
-    """Every row of `fastff experiment recipe` uses RECIPE; an eFFF row differs from the plain FFF
-    row of its seed exactly in its variant's options."""
+    """Every row of `fastff experiment recipe` but FF's own-recipe row uses RECIPE; an eFFF row
+    differs from the plain FFF row of its seed exactly in its variant's options."""
     from dataclasses import asdict
 
     from fastff.experiments import cli as experiments
@@ -225,16 +225,18 @@ def test_recipe_grid_shares_one_recipe():
     parser = argparse.ArgumentParser()
     experiments.add_arguments(parser)
     runs = dict(experiments.grid(parser.parse_args(["recipe"])))
-    assert len(runs) == 3 * (1 + len(experiments.RECIPE_VARIANTS))
+    assert len(runs) == 3 * (2 + len(experiments.RECIPE_VARIANTS))
     for name, cfg in runs.items():
-        assert {k: getattr(cfg, k) for k in experiments.RECIPE} == experiments.RECIPE
-        assert (cfg.data, cfg.width, cfg.optimizer, cfg.lr) == ("fashion-mnist", 128, "sgd", 0.2)
+        recipe = experiments.FF_RECIPE if "ff-momentum" in name else experiments.RECIPE
+        assert {k: getattr(cfg, k) for k in recipe} == recipe
+        assert (cfg.data, cfg.width, cfg.optimizer) == ("fashion-mnist", 128, "sgd")
     for seed in range(3):
         plain = asdict(runs[f"recipe_fff_s{seed}"])
         assert (plain["master_leaf"], plain["balance"], plain["leaf"]) == ("none", 0.0, 8)
-        assert runs[f"recipe_ff_s{seed}"].model == "ff"
+        assert runs[f"recipe_ff_s{seed}"].model == runs[f"recipe_ff-momentum_s{seed}"].model == "ff"
         for variant, opts in experiments.RECIPE_VARIANTS.items():
             cfg = asdict(runs[f"recipe_{variant}_s{seed}"])
             assert {k for k in cfg if cfg[k] != plain[k]} == set(opts)
     short = experiments.grid(parser.parse_args(["recipe", "--epochs", "2", "--seeds", "1"]))
-    assert {(cfg.epochs, cfg.hardening_warmup) for _, cfg in short} == {(2, 2)} and len(short) == len(runs) // 3
+    assert {cfg.epochs for _, cfg in short} == {2} and len(short) == len(runs) // 3
+    assert {cfg.hardening_warmup for name, cfg in short if "ff-momentum" not in name} == {2}
