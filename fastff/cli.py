@@ -12,7 +12,7 @@ COMMANDS = {
     "convert-minilm": ("fastff.models.minilm", "carve + distil FFF feedforwards into all-MiniLM-L6-v2; quality and speed report"),
     "train": ("fastff.training.cli_train", "train one FF / FFF / NeuronTree / MoE model (selected on validation)"),
     "report": ("fastff.report", "markdown tables and PNG plots from run directories"),
-    "experiment": ("fastff.experiments.cli", "run a whole experiment grid (table1, ablation, moe, vit) and its report"),
+    "experiment": ("fastff.experiments.cli", "run a whole experiment grid (table1, ablation, moe, vit, recipe) and its report"),
 }
 
 
