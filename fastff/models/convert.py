@@ -67,15 +67,19 @@ def _as_dense(dense) -> DenseWeights:
 
 
 @torch.no_grad()
-def neuron_importance(dense: DenseWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def neuron_importance(dense: DenseWeights, x: torch.Tensor, dim_weight: torch.Tensor | None = None,
+                      token_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Hidden activations and per-token neuron importance. x (T, in) -> (act (T, H), imp (T, H)).
 
     A neuron left out of a token's leaf is replaced by its mean activation, so what leaving it
     out costs is its deviation from the mean: ``imp = (a - mean_T a)^2 * ||w2[:, j]||^2`` (the
-    squared output error it adds, up to cross terms between neurons).
+    squared output error it adds, up to cross terms between neurons). With error weights (see
+    ``distill``) the squared error is weighted: ``token_weight_t * sum_k dim_weight_k w2[k, j]^2``.
     """
     a = ACTIVATIONS[dense.activation](x @ dense.w1.T.to(x.dtype) + dense.b1.to(x.dtype))
-    return a, (a - a.mean(0)).square() * dense.w2.to(x.dtype).square().sum(0)
+    w2sq = dense.w2.to(x.dtype).square()
+    imp = (a - a.mean(0)).square() * (w2sq.sum(0) if dim_weight is None else dim_weight.to(x.dtype) @ w2sq)
+    return a, imp if token_weight is None else imp * token_weight.to(x.dtype)[:, None]
 
 
 def _fit_hyperplane(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, l2: float, iters: int):
@@ -219,7 +223,8 @@ def _grow(x, cap, order, depth, l2, iters):
 
 @torch.no_grad()
 def carve(dense_ffn, depth: int, leaf_width: int, calibration_inputs: torch.Tensor, master: int = 0,
-          rounds: int = 2, l2: float = 1e-3, lbfgs_iters: int = 20) -> Carved:
+          rounds: int = 2, l2: float = 1e-3, lbfgs_iters: int = 20, dim_weight: torch.Tensor | None = None,
+          token_weight: torch.Tensor | None = None) -> Carved:
     """Build an FFF from a trained dense FFN without training from scratch (see module docstring).
 
     dense_ffn: ``DenseWeights`` or a feedforward module (DenseFF, MLP Sequential, BERT layer) with
@@ -227,7 +232,8 @@ def carve(dense_ffn, depth: int, leaf_width: int, calibration_inputs: torch.Tens
     Requires ``master + 2**depth * leaf_width <= hidden``; neurons beyond that are dropped
     (least important first). With ``master > 0`` the FFF gets ``master_leaf="scalar"``, the gate
     parameter frozen at 0 (g = 0.5, ``requires_grad=False``) and tree/master output weights
-    doubled, so the layer computes ``tree(x) + master(x)`` exactly.
+    doubled, so the layer computes ``tree(x) + master(x)`` exactly. ``dim_weight`` (out,) and
+    ``token_weight`` (T,): error weights of the importance (see ``neuron_importance``, ``distill``).
     """
     dense = _as_dense(dense_ffn)
     hidden, d_in = dense.w1.shape
@@ -246,7 +252,7 @@ def carve(dense_ffn, depth: int, leaf_width: int, calibration_inputs: torch.Tens
     dtype = dense.w1.dtype
     x = calibration_inputs.to(torch.float64)
     w1, b1, w2, b2 = (t.detach().to(torch.float64) for t in dense[:4])
-    act, imp = neuron_importance(DenseWeights(w1, b1, w2, b2, dense.activation), x)
+    act, imp = neuron_importance(DenseWeights(w1, b1, w2, b2, dense.activation), x, dim_weight, token_weight)
     mean_imp = imp.mean(0)
     ranked = mean_imp.argsort(descending=True)
     master_idx = ranked[:master]
@@ -347,8 +353,10 @@ def routed_forward(layer: FFF, x: torch.Tensor, leaf: torch.Tensor) -> torch.Ten
 
 
 @torch.no_grad()
-def _refit_leaf_outputs(layer: FFF, x: torch.Tensor, target: torch.Tensor, ridge: float) -> None:
-    """Closed-form ridge refit of each leaf's (w2, b2) on the tokens routed to it (routing fixed)."""
+def _refit_leaf_outputs(layer: FFF, x: torch.Tensor, target: torch.Tensor, ridge: float,
+                        token_weight: torch.Tensor | None) -> None:
+    """Closed-form ridge refit of each leaf's (w2, b2) on the tokens routed to it (routing fixed),
+    least squares weighted by ``token_weight`` (T,) if given (per-output weights do not change it)."""
     g = _gate(layer, x)
     resid = target if layer.master is None else (target - (1 - g) * layer.master(x)) / g  # tree's share
     leaf = route_leaves(layer, x)
@@ -359,25 +367,33 @@ def _refit_leaf_outputs(layer: FFF, x: torch.Tensor, target: torch.Tensor, ridge
             continue
         h = act(x[rows] @ layer.w1[j] + layer.b1[j]).double()
         h1 = torch.cat([h, h.new_ones(h.shape[0], 1)], 1)            # (t, H+1)
-        gram = h1.T @ h1
+        hw = h1 if token_weight is None else h1 * token_weight[rows].double()[:, None]
+        gram = hw.T @ h1
         reg = ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
         reg[-1, -1] = 0
-        sol = torch.linalg.solve(gram + reg, h1.T @ resid[rows].double())  # (H+1, out)
+        sol = torch.linalg.solve(gram + reg, hw.T @ resid[rows].double())  # (H+1, out)
         layer.w2[j].copy_(sol[:-1])
         layer.b2[j].copy_(sol[-1])
 
 
 def distill(layer: FFF, dense_ffn, inputs: torch.Tensor, steps: int = 0, lr: float = 1e-4,
             batch_size: int = 1024, ridge: float = 1e-3, refit: bool = True, progress: bool = True,
-            desc: str = "distill") -> dict:
-    """Train a carved FFF to reproduce the dense FFN's outputs on ``inputs`` (T, in), in place.
+            desc: str = "distill", targets: torch.Tensor | None = None, dim_weight: torch.Tensor | None = None,
+            token_weight: torch.Tensor | None = None) -> dict:
+    """Train a carved FFF to reproduce ``targets`` (T, out) on ``inputs`` (T, in), in place;
+    ``targets`` default to the dense FFN's outputs on ``inputs``.
 
+    The error is weighted: ``sum_tk token_weight_t * dim_weight_k * (layer(x_t)_k - target_tk)^2``
+    (weights default to 1), e.g. the LayerNorm that follows a BERT block scales output dim k of
+    token t by ``gamma_k / sigma_t``, so ``gamma^2`` and ``1 / sigma^2`` measure what an error costs
+    downstream (``fastff.models.sequential.convert_blocks`` passes them).
     Routing is frozen (node hyperplanes untouched; training runs ``routed_forward`` on the hard
     leaves, exactly the inference function).
-    1. ``refit``: ridge least squares for every leaf's output weights and bias.
-    2. ``steps`` Adam steps on leaf (and master) weights, MSE to the dense outputs, tqdm progress;
-       kept only if they lower the calibration MSE below the refit's.
-    Returns {"mse_before", "mse_refit", "mse_after"} (mean squared error per output element).
+    1. ``refit``: (token-weighted) ridge least squares for every leaf's output weights and bias.
+    2. ``steps`` Adam steps on leaf (and master) weights on the weighted squared error, tqdm
+       progress; kept only if they lower the calibration error below the refit's.
+    Returns {"rel_before", "rel_refit", "rel_after"}: weighted squared error / weighted variance
+    of the targets.
     """
     if not isinstance(layer, FFF):
         raise TypeError(f"layer must be a fastff.FFF, got {type(layer).__name__}")
@@ -386,21 +402,29 @@ def distill(layer: FFF, dense_ffn, inputs: torch.Tensor, steps: int = 0, lr: flo
     batch_size = check_int("batch_size", batch_size, 1)
     inputs = inputs.to(layer.w1.dtype)
     with torch.no_grad():
-        target = dense(inputs)
+        target = dense(inputs) if targets is None else targets.to(inputs.dtype)
+    dim_w = inputs.new_ones(target.shape[1]) if dim_weight is None else dim_weight.detach().to(inputs.dtype)
+    tok_w = inputs.new_ones(target.shape[0]) if token_weight is None else token_weight.detach().to(inputs.dtype)
+    dim_w, tok_w = dim_w / dim_w.mean(), tok_w / tok_w.mean()
 
-    def mse() -> float:
+    def weighted_sq(err: torch.Tensor, rows) -> torch.Tensor:
+        return (err.square() @ dim_w * tok_w[rows]).sum()
+
+    spread = float(weighted_sq(target - target.mean(0), slice(None)))
+
+    def rel_error() -> float:
         was = layer.training
         layer.eval()
         with torch.no_grad():
-            err = sum(((layer(xb) - tb) ** 2).sum().item()
-                      for xb, tb in zip(inputs.split(8192), target.split(8192)))
+            err = sum(float(weighted_sq(layer(inputs[r]) - target[r], r))
+                      for r in torch.arange(inputs.shape[0]).split(8192))
         layer.train(was)
-        return err / target.numel()
+        return err / max(spread, 1e-30)
 
-    stats = {"mse_before": mse()}
+    stats = {"rel_before": rel_error()}
     if refit:
-        _refit_leaf_outputs(layer, inputs, target, ridge)
-    stats["mse_refit"] = mse()
+        _refit_leaf_outputs(layer, inputs, target, ridge, token_weight)
+    stats["rel_refit"] = rel_error()
     if steps:
         frozen = [layer.node_w, layer.node_b, *_gate_params(layer)]
         was_req = [p.requires_grad for p in frozen]
@@ -414,19 +438,19 @@ def distill(layer: FFF, dense_ffn, inputs: torch.Tensor, steps: int = 0, lr: flo
         try:
             for _ in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
                 idx = torch.randint(0, inputs.shape[0], (min(batch_size, inputs.shape[0]),), generator=gen)
-                loss = nn.functional.mse_loss(routed_forward(layer, inputs[idx], leaf[idx]), target[idx])
+                loss = weighted_sq(routed_forward(layer, inputs[idx], leaf[idx]) - target[idx], idx) / idx.numel()
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
         finally:
             for p, r in zip(frozen, was_req):
                 p.requires_grad_(r)
-        stats["mse_after"] = mse()
-        if stats["mse_after"] > stats["mse_refit"]:  # Adam made it worse on the calibration set: undo
+        stats["rel_after"] = rel_error()
+        if stats["rel_after"] > stats["rel_refit"]:  # Adam made it worse on the calibration set: undo
             with torch.no_grad():
                 for p, q in zip(params, refitted):
                     p.copy_(q)
-            stats["mse_after"] = stats["mse_refit"]
+            stats["rel_after"] = stats["rel_refit"]
     else:
-        stats["mse_after"] = stats["mse_refit"]
+        stats["rel_after"] = stats["rel_refit"]
     return stats

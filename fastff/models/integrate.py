@@ -26,7 +26,8 @@ from torch import nn
 from ..functional import ACTIVATIONS
 from ..layers.dense import DenseFF
 
-__all__ = ["DenseWeights", "Replacement", "replace_ffn", "find_ffn", "dense_weights", "identify_activation"]
+__all__ = ["DenseWeights", "Replacement", "replace_ffn", "swap_ffn", "ffn_input_module", "find_ffn", "dense_weights",
+           "identify_activation"]
 
 _PROBE = torch.linspace(-6.0, 6.0, 97, dtype=torch.float64)
 
@@ -182,12 +183,23 @@ def replace_ffn(model: nn.Module, make_layer: Callable[[int, int, int, DenseWeig
         layer = make_layer(d_in, d_out, hidden, dense)
         if not isinstance(layer, nn.Module):
             raise TypeError(f"make_layer returned {type(layer).__name__} for {name!r}; expected an nn.Module")
-        block = model.get_submodule(name)
-        if kind == "bert":
-            block.intermediate = layer
-            block.output.dense = nn.Identity()
-        else:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, layer)
+        swap_ffn(model, name, kind, layer)
         report.append(Replacement(name, kind, d_in, hidden, d_out, type(layer).__name__))
     return report
+
+
+def swap_ffn(model: nn.Module, name: str, kind: str, layer: nn.Module) -> None:
+    """Put ``layer`` in place of the block ``name`` of kind ``kind`` (as listed by ``find_ffn``)."""
+    block = model.get_submodule(name)
+    if kind == "bert":
+        block.intermediate = layer
+        block.output.dense = nn.Identity()
+    else:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
+
+
+def ffn_input_module(model: nn.Module, name: str, kind: str) -> nn.Module:
+    """The module whose input is the block's FFN input (BERT: ``intermediate``; MLP: the block)."""
+    block = model.get_submodule(name)
+    return block.intermediate if kind == "bert" else block

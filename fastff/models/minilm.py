@@ -9,7 +9,6 @@ sentence-transformers does for this model.
 """
 from __future__ import annotations
 
-import copy
 import os
 import random
 import re
@@ -21,7 +20,8 @@ import torch
 
 from .. import kernels
 from .convert import carve, distill
-from .integrate import find_ffn, replace_ffn
+from .integrate import find_ffn
+from .sequential import convert_blocks, distill_model, mean_pool
 from ..kernels._threads import set_threads
 
 DEFAULT_TEXT = Path("/usr/share/games/fortunes")
@@ -82,64 +82,48 @@ def split_sentences(sentences: list[str], n_calib: int, n_eval: int, seed: int =
     return pick[n_eval:n_eval + n_calib], pick[:n_eval]
 
 
-def _batches(tok, sentences, batch_size, max_len=256):
-    for i in range(0, len(sentences), batch_size):
-        yield tok(sentences[i:i + batch_size], padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+def encode_batches(tok, sentences: list[str], batch_size: int, max_len: int = 256) -> list[dict]:
+    """Tokenised batches of ``sentences`` grouped by length (little padding): [{input_ids, attention_mask}]."""
+    ordered = sorted(sentences, key=len)
+    return [tok(ordered[i:i + batch_size], padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+            for i in range(0, len(ordered), batch_size)]
 
 
 @torch.inference_mode()
 def embed(model, tok, sentences: list[str], batch_size: int = 64) -> torch.Tensor:
-    """Sentence embeddings (n, hidden): mean over non-padding tokens, L2-normalised."""
+    """Sentence embeddings (n, hidden) in the order of ``sentences``: mean over non-padding
+    tokens, L2-normalised."""
     outs = []
-    for enc in _batches(tok, sentences, batch_size):
-        h = model(**enc).last_hidden_state
-        m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
-        outs.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp_min(1), dim=-1))
+    for i in range(0, len(sentences), batch_size):
+        enc = tok(sentences[i:i + batch_size], padding=True, truncation=True, max_length=256, return_tensors="pt")
+        outs.append(mean_pool(model(**enc).last_hidden_state, enc["attention_mask"]))
     return torch.cat(outs)
 
 
-@torch.no_grad()
-def ffn_inputs(model, tok, sentences: list[str], batch_size: int = 64) -> dict[str, torch.Tensor]:
-    """Inputs each FFN block sees on ``sentences`` (non-padding tokens only): name -> (T, hidden)."""
-    got: dict[str, list] = {}
-    mask_box = {}
-    hooks = []
-    for name, _, _ in find_ffn(model):
-        def hook(_mod, args, name=name):
-            x = args[0]
-            got.setdefault(name, []).append(x[mask_box["m"]].clone())
-        hooks.append(model.get_submodule(name).intermediate.register_forward_pre_hook(hook))
-    try:
-        for enc in _batches(tok, sentences, batch_size):
-            mask_box["m"] = enc["attention_mask"].bool()
-            model(**enc)
-    finally:
-        for h in hooks:
-            h.remove()
-    return {k: torch.cat(v) for k, v in got.items()}
-
-
-def convert(model, inputs: dict[str, torch.Tensor], depth: int, leaf_width: int, master: int, steps: int,
-            lr: float, max_carve_tokens: int = 20000, progress: bool = True):
-    """A carved + distilled copy of ``model``; returns (model, per-layer stats list)."""
-    conv = copy.deepcopy(model)
+def convert(model, carve_batches: list[dict], depth: int, leaf_width: int, master: int, block_steps: int = 50,
+            block_lr: float = 3e-4, max_carve_tokens: int = 8000, progress: bool = True, sequential: bool = True,
+            target: str = "residual", ln_weights: bool = True):
+    """A copy of ``model`` with every FFN block carved and distilled (``convert_blocks``; by default
+    in turn on the inputs the already converted blocks produce, with residual targets and
+    LayerNorm error weights); at most ``max_carve_tokens`` tokens per block are used to carve, all
+    of them to distil. Returns (model, per-block stats list)."""
     stats = []
 
-    def make(d_in, d_out, hidden, dense):
-        x = inputs[dense.name]
-        sub = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:max_carve_tokens]]
-        c = carve(dense, depth, leaf_width, sub, master=master)
-        st = distill(c.layer, dense, x, steps=steps, lr=lr, progress=progress,
-                     desc=f"distill {dense.name} d{depth} l{leaf_width} m{master}")
-        with torch.no_grad():
-            var = dense(x).var().item()
-        stats.append({"name": dense.name, "captured": c.captured, "dropped": int(c.dropped_neurons.numel()),
-                      "max_share": float(c.leaf_share.max()),
-                      **{k: v / var for k, v in st.items()}})
-        return c.layer.eval()
+    def make(fit):
+        x, tok_w = fit.inputs, fit.token_weight
+        sub = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:max_carve_tokens]
+        c = carve(fit.dense, depth, leaf_width, x[sub], master=master, dim_weight=fit.dim_weight,
+                  token_weight=None if tok_w is None else tok_w[sub])
+        st = distill(c.layer, fit.dense, x, steps=block_steps, lr=block_lr, targets=fit.targets,
+                     dim_weight=fit.dim_weight, token_weight=tok_w, progress=progress,
+                     desc=f"distill {fit.dense.name} d{depth} l{leaf_width} m{master}")
+        stats.append({"name": fit.dense.name, "captured": c.captured, "dropped": int(c.dropped_neurons.numel()),
+                      "max_share": float(c.leaf_share.max()), **st})
+        return c.layer
 
-    replace_ffn(conv, make)
-    return conv.eval(), stats
+    conv = convert_blocks(model, carve_batches, make, sequential=sequential, target=target, ln_weights=ln_weights,
+                          progress=progress)
+    return conv, stats
 
 
 def quality(e_dense: torch.Tensor, e_conv: torch.Tensor, queries: int, topk: int) -> dict:
@@ -216,34 +200,61 @@ def _parse_configs(text: str) -> list[tuple[int, int, int]]:
     return configs
 
 
-def evaluate_configs(calib: list[str], held: list[str], configs, steps: int = 200, lr: float = 3e-4,
-                     seq_len: int = 128, batch_sizes=(1, 64), repeats: int = 7, retrieval_queries: int = 200,
-                     topk: int = 10, progress: bool = True, max_carve_tokens: int = 20000,
-                     threads: int | None = None) -> dict:
-    """Carve, distil, evaluate and benchmark every (depth, leaf_width, master) config; ``threads``
-    (if given) is applied with ``torch.set_num_threads`` right before timing."""
+# Block conversions without some of the pipeline's parts, for the ablation columns of the report.
+ABLATIONS = {"independent": dict(sequential=False, target="local", ln_weights=False),
+             "sequential": dict(sequential=True, target="local", ln_weights=False),
+             "+ residual targets": dict(sequential=True, target="residual", ln_weights=False)}
+
+
+def evaluate_configs(calib: list[str], held: list[str], configs, carve_sentences: int = 2000, block_steps: int = 50,
+                     steps: int = 2000, lr: float = 3e-3, batch_size: int = 32, seq_len: int = 128,
+                     batch_sizes=(1, 64), repeats: int = 7, retrieval_queries: int = 200, topk: int = 10,
+                     progress: bool = True, max_carve_tokens: int = 8000, threads: int | None = None,
+                     ablation: bool = False) -> dict:
+    """Convert, evaluate and benchmark every (depth, leaf_width, master) config (see ``convert``).
+
+    The blocks are carved on the first ``carve_sentences`` calibration sentences; the end-to-end
+    distillation runs ``steps`` batches of ``batch_size`` drawn from all of ``calib``. ``held`` is
+    only embedded for the quality measures and timed. ``ablation``: also convert the blocks the
+    ``ABLATIONS`` ways and record their held-out mean cosine (row["ablation"]). ``threads`` (if
+    given) is applied with ``torch.set_num_threads`` right before timing."""
     tok, dense = load_minilm()
     t0 = time.perf_counter()
-    inputs = ffn_inputs(dense, tok, calib)
+    carve_batches = encode_batches(tok, calib[:carve_sentences], 64)
+    distill_batches = encode_batches(tok, calib, batch_size)
     e_dense = embed(dense, tok, held)
+    queries, k = min(retrieval_queries, len(held)), min(topk, len(held) - 1)
     rows, convs = [], {}
+
+    def blocks(depth, leaf, master, **opts):
+        return convert(dense, carve_batches, depth, leaf, master, block_steps=block_steps,
+                       max_carve_tokens=max_carve_tokens, progress=progress, **opts)
+
+    def cos_mean(model) -> float:
+        return quality(e_dense, embed(model, tok, held), queries, k)["cos_mean"]
+
     for depth, leaf, master in configs:
         key = f"d{depth}-l{leaf}-m{master}"
+        ablated = {name: cos_mean(blocks(depth, leaf, master, **opts)[0])
+                   for name, opts in (ABLATIONS.items() if ablation else ())}
         t1 = time.perf_counter()
-        conv, stats = convert(dense, inputs, depth, leaf, master, steps, lr, max_carve_tokens, progress)
+        conv, stats = blocks(depth, leaf, master)
+        cos_blocks = cos_mean(conv)
+        if steps:
+            distill_model(conv, dense, distill_batches, steps, lr=lr, progress=progress)
         convert_s = time.perf_counter() - t1
-        q = quality(e_dense, embed(conv, tok, held), min(retrieval_queries, len(held)), min(topk, len(held) - 1))
+        q = quality(e_dense, embed(conv, tok, held), queries, k)
         rows.append({"key": key, "depth": depth, "leaf": leaf, "master": master,
                      "neurons": depth + leaf + master, "convert_s": convert_s,
                      "captured": statistics.mean(s["captured"] for s in stats),
                      "max_share": statistics.mean(s["max_share"] for s in stats),
-                     "rel_mse_carved": statistics.mean(s["mse_before"] for s in stats),
-                     "rel_mse": statistics.mean(s["mse_after"] for s in stats),
-                     "dropped": stats[0]["dropped"], **q})
+                     "rel_carved": statistics.mean(s["rel_before"] for s in stats),
+                     "rel_blocks": statistics.mean(s["rel_after"] for s in stats),
+                     "cos_blocks": cos_blocks, "ablation": ablated, "dropped": stats[0]["dropped"], **q})
         convs[key] = conv
         if progress:
-            print(f"{key}: cos {q['cos_mean']:.4f} (p5 {q['cos_p5']:.4f}) nn@{topk} {q['nn_agree']:.3f} "
-                  f"rel-mse {rows[-1]['rel_mse']:.4f} ({convert_s:.0f} s)", flush=True)
+            print(f"{key}: cos {cos_blocks:.4f} after blocks -> {q['cos_mean']:.4f} (p5 {q['cos_p5']:.4f}) "
+                  f"nn@{k} {q['nn_agree']:.3f} ({convert_s:.0f} s)", flush=True)
     backend = kernels.get_backend()
     if backend == "auto":
         layer = next(iter(convs.values())).get_submodule(find_ffn(dense)[0][0]).intermediate
@@ -257,10 +268,11 @@ def evaluate_configs(calib: list[str], held: list[str], configs, steps: int = 20
         row["ffn_speedup"] = {b: times[b]["dense"]["ffn"] / times[b][row["key"]]["ffn"] for b in batch_sizes}
         row["enc_speedup"] = {b: times[b]["dense"]["encoder"] / times[b][row["key"]]["encoder"] for b in batch_sizes}
     return {"rows": rows, "times": times, "backend": backend, "threads": n_threads,
-            "n_calib": len(calib), "n_eval": len(held), "calib_tokens": next(iter(inputs.values())).shape[0],
-            "steps": steps, "lr": lr, "seq_len": seq_len, "batch_sizes": list(batch_sizes), "repeats": repeats,
-            "queries": min(retrieval_queries, len(held)), "topk": min(topk, len(held) - 1),
-            "total_s": time.perf_counter() - t0}
+            "n_calib": len(calib), "n_carve": min(carve_sentences, len(calib)), "n_eval": len(held),
+            "calib_tokens": sum(int(b["attention_mask"].sum()) for b in distill_batches),
+            "block_steps": block_steps, "steps": steps, "lr": lr, "batch_size": batch_size,
+            "seq_len": seq_len, "batch_sizes": list(batch_sizes), "repeats": repeats,
+            "queries": queries, "topk": k, "total_s": time.perf_counter() - t0}
 
 
 RESULTS_BEGIN, RESULTS_END = "<!-- convert-minilm results -->", "<!-- /convert-minilm results -->"
@@ -298,17 +310,27 @@ def write_report(res: dict, md_path, png_path, command: str) -> None:
     t = res["times"]
     lines = [
         "| config (depth-leaf-master) | neurons/token | dropped/layer | busiest leaf | captured "
-        "| rel. MSE carved -> distilled "
+        "| rel. error carved -> distilled | cos after blocks "
         "| cos mean | cos p5 | top-%d agree | " % res["topk"]
         + " | ".join(f"FFN x (b{b})" for b in bs) + " | " + " | ".join(f"encoder x (b{b})" for b in bs) + " |",
-        "|" + "---|" * (9 + 2 * len(bs)),
+        "|" + "---|" * (10 + 2 * len(bs)),
     ]
     for r in res["rows"]:
         lines.append(
             f"| {r['key']} | {r['neurons']} | {r['dropped']} | {r['max_share']:.2f} | {r['captured']:.3f} | "
-            f"{r['rel_mse_carved']:.3f} -> {r['rel_mse']:.3f} | {r['cos_mean']:.4f} | {r['cos_p5']:.4f} | "
+            f"{r['rel_carved']:.3f} -> {r['rel_blocks']:.3f} | {r['cos_blocks']:.4f} | {r['cos_mean']:.4f} | "
+            f"{r['cos_p5']:.4f} | "
             f"{r['nn_agree']:.3f} | " + " | ".join(f"{r['ffn_speedup'][b]:.2f}" for b in bs) + " | "
             + " | ".join(f"{r['enc_speedup'][b]:.2f}" for b in bs) + " |")
+    ablation = []
+    if any(r["ablation"] for r in res["rows"]):
+        ablation = ["Ablation (mean cosine on the held-out sentences; each column adds one part of the pipeline to "
+                    "the one before; the first three are block conversions without the later parts):", "",
+                    "| config | " + " | ".join(ABLATIONS) + " | + LayerNorm weights | + end-to-end |",
+                    "|---|" + "---|" * (len(ABLATIONS) + 2)]
+        ablation += [f"| {r['key']} | " + " | ".join(f"{r['ablation'][a]:.4f}" for a in ABLATIONS)
+                     + f" | {r['cos_blocks']:.4f} | {r['cos_mean']:.4f} |" for r in res["rows"] if r["ablation"]]
+        ablation.append("")
     timing = ["| variant | " + " | ".join(f"FFN ms (b{b}) | encoder ms (b{b})" for b in bs) + " |",
               "|---|" + "---|---|" * len(bs)]
     for k in t[bs[0]]:
@@ -317,17 +339,23 @@ def write_report(res: dict, md_path, png_path, command: str) -> None:
     body = "\n".join([
         "## Results (generated by `fastff convert-minilm`)", "",
         f"Command: `{command}`", "",
-        f"Calibration: {res['n_calib']} sentences ({res['calib_tokens']} tokens); held-out evaluation: "
-        f"{res['n_eval']} sentences, retrieval = top-{res['topk']} neighbours of {res['queries']} queries among "
-        f"all held-out sentences. Distillation: ridge refit + {res['steps']} Adam steps (lr {res['lr']}) per layer. "
+        f"Calibration: {res['n_calib']} sentences ({res['calib_tokens']} tokens), the first {res['n_carve']} "
+        f"of them used to carve; held-out evaluation: {res['n_eval']} sentences, retrieval = top-{res['topk']} "
+        f"neighbours of {res['queries']} queries among all held-out sentences. Blocks: carved and distilled in "
+        f"turn (residual targets, LayerNorm error weights; ridge refit + {res['block_steps']} Adam steps each). "
+        f"End to end: {res['steps']} Adam steps (lr {res['lr']}, cosine decay, {res['batch_size']} sentences "
+        f"per step) on the final embeddings and hidden states, routing frozen. "
         f"Speed: median of {res['repeats']} interleaved runs, sequence length {res['seq_len']}, "
         f"torch threads {res['threads']}, FFF backend `{res['backend']}`, torch.inference_mode(). "
         f"Total run time {res['total_s']:.0f} s.", "",
         "\n".join(lines), "",
         "neurons/token = depth + leaf_width + master; busiest leaf = share of calibration tokens routed to "
         "the most used leaf (mean over layers); captured = share of the importance (see above) held by "
-        "each token's leaf + master; rel. MSE = FFN output MSE / output variance on calibration tokens, "
-        "right after carving and after distillation (mean over layers); x = dense time / converted time.", "",
+        "each token's leaf + master; rel. error = LayerNorm-weighted squared error of the FFN output / "
+        "weighted output variance on calibration tokens, right after carving and after the block's "
+        "distillation (mean over layers); cos after blocks = mean cosine before the end-to-end "
+        "distillation; x = dense time / converted time.", "",
+        *ablation,
         "Absolute times (FFN = the 6 FFN blocks on the dense model's block inputs):", "",
         "\n".join(timing), "",
         f"![frontier]({Path(png_path).name})", ""])
@@ -341,17 +369,24 @@ def write_report(res: dict, md_path, png_path, command: str) -> None:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--text", default=None, help=f"text file or directory (default {DEFAULT_TEXT})")
-    parser.add_argument("--calib", type=int, default=1000, help="calibration sentences")
+    parser.add_argument("--calib", type=int, default=None,
+                        help="calibration sentences (default: every sentence not held out)")
+    parser.add_argument("--carve-sentences", type=int, default=2000,
+                        help="calibration sentences the blocks are carved and distilled on")
     parser.add_argument("--eval", type=int, default=500, help="held-out evaluation sentences")
     parser.add_argument("--queries", type=int, default=100, help="retrieval queries (from the held-out set)")
     parser.add_argument("--configs", default=DEFAULT_CONFIGS, help="depth:leaf_width:master,...")
-    parser.add_argument("--steps", type=int, default=50, help="Adam distillation steps per layer")
-    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--block-steps", type=int, default=50, help="Adam steps per block after its ridge refit")
+    parser.add_argument("--steps", type=int, default=2000, help="end-to-end distillation steps (0: none)")
+    parser.add_argument("--lr", type=float, default=3e-3, help="end-to-end distillation learning rate")
+    parser.add_argument("--batch", type=int, default=32, help="sentences per end-to-end distillation step")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-sizes", default="1,64")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per variant (median)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--carve-tokens", type=int, default=8000, help="calibration tokens per layer used to carve")
+    parser.add_argument("--no-ablation", action="store_true",
+                        help="skip the ablation conversions (independent / sequential / residual targets)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="docs/minilm.md")
     parser.add_argument("--plot", default="docs/minilm_frontier.png")
@@ -363,11 +398,14 @@ def run(args) -> int:
         set_threads(args.threads)
     torch.manual_seed(args.seed)
     configs = _parse_configs(args.configs)
-    calib, held = split_sentences(load_sentences(args.text), args.calib, args.eval, args.seed)
-    res = evaluate_configs(calib, held, configs, steps=args.steps, lr=args.lr, seq_len=args.seq_len,
+    sentences = load_sentences(args.text)
+    n_calib = len(sentences) - args.eval if args.calib is None else args.calib
+    calib, held = split_sentences(sentences, n_calib, args.eval, args.seed)
+    res = evaluate_configs(calib, held, configs, carve_sentences=args.carve_sentences, block_steps=args.block_steps,
+                           steps=args.steps, lr=args.lr, batch_size=args.batch, seq_len=args.seq_len,
                            batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")), repeats=args.repeats,
                            retrieval_queries=args.queries, max_carve_tokens=args.carve_tokens,
-                           threads=args.threads)
+                           threads=args.threads, ablation=not args.no_ablation)
     write_report(res, args.out, args.plot, command="fastff " + " ".join(sys.argv[1:]))
     print(Path(args.out).read_text())
     return 0
