@@ -133,24 +133,29 @@ def candidates(spec: Spec, include: set[str]) -> dict:
     for backend in ("torch", "cpu", "reference"):
         if backend in include:
             out[backend] = spec.build(backend)
-    if {"cpu-kernel", "cpu-numba"} & include:
-        layer = out.get("cpu") or spec.build("cpu")
-        if spec.layer == "fff":
-            w = (layer.node_w, layer.node_b, layer.w1, layer.b1, layer.w2, layer.b2)
-            kernel, run = kernels.cpu.fff_hard, kernels.cpu.fff_run
-        else:
-            w = (layer.w_in, layer.b_in, layer.w_out, layer.b_out)
-            kernel, run = kernels.cpu.neuron_tree, kernels.cpu.neuron_tree_run
-        if "cpu-kernel" in include:
-            out["cpu-kernel"] = lambda x: kernel(x, *w, spec.activation)
-        if "cpu-numba" in include:
-            out["cpu-numba"] = _numba_call(run, kernels.cpu.weights_np(*w), kernels.cpu.ACT_CODES[spec.activation],
-                                           spec.dim)
+    # cpu-kernel and cpu-numba get layers of their own: candidates that shared weights would warm
+    # each other's caches (after the dense baseline evicts them, whichever ran second would win).
+    if "cpu-kernel" in include:
+        kernel, w = _kernel_and_weights(spec)
+        out["cpu-kernel"] = lambda x: kernel(x, *w, spec.activation)
+    if "cpu-numba" in include:
+        kernel, w = _kernel_and_weights(spec)
+        run = kernels.cpu.fff_run if spec.layer == "fff" else kernels.cpu.neuron_tree_run
+        out["cpu-numba"] = _numba_call(run, kernels.cpu.weights_np(*w), kernels.cpu.ACT_CODES[spec.activation],
+                                       spec.dim)
     for k in (1, 2):
         if f"moe-top{k}" in include:
             out[f"moe-top{k}"] = MoE(spec.dim, spec.dim, MOE_EXPERTS, -(-spec.width // MOE_EXPERTS), k=k,
                                      activation=spec.activation).eval()
     return out
+
+
+def _kernel_and_weights(spec: Spec):
+    """(backend function of ``kernels.cpu``, weight tensors) of a freshly built layer."""
+    layer = spec.build("cpu")
+    if spec.layer == "fff":
+        return kernels.cpu.fff_hard, (layer.node_w, layer.node_b, layer.w1, layer.b1, layer.w2, layer.b2)
+    return kernels.cpu.neuron_tree, (layer.w_in, layer.b_in, layer.w_out, layer.b_out)
 
 
 def _numba_call(run, weights, code: int, out_features: int):
@@ -170,17 +175,22 @@ def _numba_call(run, weights, code: int, out_features: int):
 def time_interleaved(fns: dict, x: torch.Tensor, repeats: dict, warmup: int, progress=None,
                      rewarm: bool = True) -> dict:
     """Median seconds per call of each fn(x), timed ``repeats[name]`` times; every round runs
-    each candidate that still needs repeats, in turn. With ``rewarm``, each timed call directly
-    follows an untimed call of the same candidate, so it runs with its own weights in cache
-    (steady state) rather than after another candidate has streamed its weights through them."""
+    each candidate that still needs repeats, in turn, starting one candidate later than the
+    round before (what runs right after the dense baseline pays for its cache evictions; the
+    rotation spreads that over all). With ``rewarm``, each timed call directly follows an
+    untimed call of the same candidate, so it runs with its own weights in cache (steady state)
+    rather than after another candidate has streamed its weights through them."""
     times = {name: [] for name in fns}
     rounds = max(repeats.values())
     with torch.inference_mode():
         for _ in range(warmup):
             for fn in fns.values():
                 fn(x)
+        names = list(fns)
         for r in range(rounds):
-            for name, fn in fns.items():
+            for i in range(len(names)):             # start one later each round: no fixed neighbours
+                name = names[(r + i) % len(names)]
+                fn = fns[name]
                 if r >= repeats[name]:
                     continue
                 if rewarm:
