@@ -26,6 +26,7 @@ import csv
 import io
 import json
 import os
+import random
 import statistics
 import sys
 import time
@@ -175,9 +176,9 @@ def _numba_call(run, weights, code: int, out_features: int):
 def time_interleaved(fns: dict, x: torch.Tensor, repeats: dict, warmup: int, progress=None,
                      rewarm: bool = True) -> dict:
     """Median seconds per call of each fn(x), timed ``repeats[name]`` times; every round runs
-    each candidate that still needs repeats, in turn, starting one candidate later than the
-    round before (what runs right after the dense baseline pays for its cache evictions; the
-    rotation spreads that over all). With ``rewarm``, each timed call directly follows an
+    each candidate that still needs repeats, in a new (seeded) random order: what runs right
+    after a torch candidate pays for its cache evictions and its OpenMP workers still spinning,
+    so a fixed order would favour some candidates. With ``rewarm``, each timed call directly follows an
     untimed call of the same candidate, so it runs with its own weights in cache (steady state)
     rather than after another candidate has streamed its weights through them."""
     times = {name: [] for name in fns}
@@ -186,10 +187,10 @@ def time_interleaved(fns: dict, x: torch.Tensor, repeats: dict, warmup: int, pro
         for _ in range(warmup):
             for fn in fns.values():
                 fn(x)
-        names = list(fns)
+        names, shuffle = list(fns), random.Random(0).shuffle
         for r in range(rounds):
-            for i in range(len(names)):             # start one later each round: no fixed neighbours
-                name = names[(r + i) % len(names)]
+            shuffle(names)                          # no candidate always runs after the same one
+            for name in names:
                 fn = fns[name]
                 if r >= repeats[name]:
                     continue
