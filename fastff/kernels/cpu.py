@@ -309,22 +309,75 @@ def _group_tiles(key, n_keys, tile):
     return order, tiles
 
 
+@njit(inline="always", **_JIT)
+def _hidden4(x0, x1, x2, x3, w1t, b1, code, h):
+    """h (4, H)[r, k] = act(x_r · w1t[k] + b1[k]) for four rows; each weight load feeds 4 FMAs."""
+    for k in range(w1t.shape[0]):
+        w = w1t[k]
+        a0 = b1[k]
+        a1, a2, a3 = a0, a0, a0
+        for i in range(w.shape[0]):
+            wi = w[i]
+            a0 += x0[i] * wi
+            a1 += x1[i] * wi
+            a2 += x2[i] * wi
+            a3 += x3[i] * wi
+        h[0, k], h[1, k], h[2, k], h[3, k] = _act(a0, code), _act(a1, code), _act(a2, code), _act(a3, code)
+
+
+@njit(inline="always", **_JIT)
+def _out4(h, w2, b2, o0, o1, o2, o3):
+    """o_r (O,) = b2 + h[r] @ w2 (H, O) for four rows, four rows of w2 per pass over the outputs."""
+    o0[:] = b2
+    o1[:] = b2
+    o2[:] = b2
+    o3[:] = b2
+    K = h.shape[1]
+    k = 0
+    while k + 4 <= K:
+        v0, v1, v2, v3 = w2[k], w2[k + 1], w2[k + 2], w2[k + 3]
+        h00, h01, h02, h03 = h[0, k], h[0, k + 1], h[0, k + 2], h[0, k + 3]
+        h10, h11, h12, h13 = h[1, k], h[1, k + 1], h[1, k + 2], h[1, k + 3]
+        h20, h21, h22, h23 = h[2, k], h[2, k + 1], h[2, k + 2], h[2, k + 3]
+        h30, h31, h32, h33 = h[3, k], h[3, k + 1], h[3, k + 2], h[3, k + 3]
+        for j in range(o0.shape[0]):
+            a, b, c, d = v0[j], v1[j], v2[j], v3[j]
+            o0[j] += h00 * a + h01 * b + h02 * c + h03 * d
+            o1[j] += h10 * a + h11 * b + h12 * c + h13 * d
+            o2[j] += h20 * a + h21 * b + h22 * c + h23 * d
+            o3[j] += h30 * a + h31 * b + h32 * c + h33 * d
+        k += 4
+    for u in range(k, K):
+        _axpy(o0, h[0, u], w2[u])
+        _axpy(o1, h[1, u], w2[u])
+        _axpy(o2, h[2, u], w2[u])
+        _axpy(o3, h[3, u], w2[u])
+
+
 @njit(parallel=True, **_JIT)
 def _fff_tiles(x, w1, b1, w2, b2, code, order, tiles, out):
     """Evaluate each tile: its rows all reached leaf ``tiles[t, 0]``, so the tile is a
-    (rows x I) @ (I x H) -> act -> (H x O) product whose leaf weights stay in L1/L2 across rows."""
+    (rows x I) @ (I x H) -> act -> (H x O) product whose leaf weights stay in L1/L2 across rows;
+    rows go four at a time (each weight vector loaded once per four rows), the rest one by one."""
     H = w1.shape[2]
     for t in prange(tiles.shape[0]):
         leaf, s, e = tiles[t, 0], tiles[t, 1], tiles[t, 2]
         w1t = w1[leaf].T.copy()                       # (H, I): the hidden layer as H dot products
-        h = np.empty(H, x.dtype)
-        for m in range(s, e):
-            xr = x[order[m]]
+        h = np.empty((4, H), x.dtype)
+        m = s
+        while m + 4 <= e:
+            r0, r1, r2, r3 = order[m], order[m + 1], order[m + 2], order[m + 3]
+            _hidden4(x[r0], x[r1], x[r2], x[r3], w1t, b1[leaf], code, h)
+            _out4(h, w2[leaf], b2[leaf], out[r0], out[r1], out[r2], out[r3])
+            m += 4
+        h1 = h[0]
+        for q in range(m, e):
+            xr = x[order[q]]
             for k in range(H):
-                h[k] = _act(_dot_plus(xr, w1t[k], b1[leaf, k]), code)
-            o = out[order[m]]
+                h1[k] = _act(_dot_plus(xr, w1t[k], b1[leaf, k]), code)
+            o = out[order[q]]
             o[:] = b2[leaf]
-            _gemv_acc(o, h, w2[leaf])
+            _gemv_acc(o, h1, w2[leaf])
 
 
 @njit(parallel=True, **_JIT)
