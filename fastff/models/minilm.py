@@ -210,18 +210,21 @@ def evaluate_configs(calib: list[str], held: list[str], configs, carve_sentences
                      steps: int = 2000, lr: float = 3e-3, batch_size: int = 32, seq_len: int = 128,
                      batch_sizes=(1, 64), repeats: int = 7, retrieval_queries: int = 200, topk: int = 10,
                      progress: bool = True, max_carve_tokens: int = 8000, threads: int | None = None,
-                     ablation: bool = False) -> dict:
+                     ablation: bool = False, val_sentences: int = 320) -> dict:
     """Convert, evaluate and benchmark every (depth, leaf_width, master) config (see ``convert``).
 
     The blocks are carved on the first ``carve_sentences`` calibration sentences; the end-to-end
-    distillation runs ``steps`` batches of ``batch_size`` drawn from all of ``calib``. ``held`` is
+    distillation runs ``steps`` batches of ``batch_size`` drawn from ``calib`` except its last
+    ``val_sentences`` (at most a fifth of it), on which it keeps the best weights. ``held`` is
     only embedded for the quality measures and timed. ``ablation``: also convert the blocks the
     ``ABLATIONS`` ways and record their held-out mean cosine (row["ablation"]). ``threads`` (if
     given) is applied with ``torch.set_num_threads`` right before timing."""
     tok, dense = load_minilm()
     t0 = time.perf_counter()
     carve_batches = encode_batches(tok, calib[:carve_sentences], 64)
-    distill_batches = encode_batches(tok, calib, batch_size)
+    n_val = min(val_sentences, len(calib) // 5)
+    distill_batches = encode_batches(tok, calib[:len(calib) - n_val], batch_size)
+    val_batches = encode_batches(tok, calib[len(calib) - n_val:], batch_size) if n_val else None
     e_dense = embed(dense, tok, held)
     queries, k = min(retrieval_queries, len(held)), min(topk, len(held) - 1)
     rows, convs = [], {}
@@ -240,8 +243,10 @@ def evaluate_configs(calib: list[str], held: list[str], configs, carve_sentences
         t1 = time.perf_counter()
         conv, stats = blocks(depth, leaf, master)
         cos_blocks = cos_mean(conv)
+        best_step = None
         if steps:
-            distill_model(conv, dense, distill_batches, steps, lr=lr, progress=progress)
+            best_step = distill_model(conv, dense, distill_batches, steps, lr=lr, progress=progress,
+                                      val_batches=val_batches).get("best_step", steps)
         convert_s = time.perf_counter() - t1
         q = quality(e_dense, embed(conv, tok, held), queries, k)
         rows.append({"key": key, "depth": depth, "leaf": leaf, "master": master,
@@ -250,7 +255,8 @@ def evaluate_configs(calib: list[str], held: list[str], configs, carve_sentences
                      "max_share": statistics.mean(s["max_share"] for s in stats),
                      "rel_carved": statistics.mean(s["rel_before"] for s in stats),
                      "rel_blocks": statistics.mean(s["rel_after"] for s in stats),
-                     "cos_blocks": cos_blocks, "ablation": ablated, "dropped": stats[0]["dropped"], **q})
+                     "cos_blocks": cos_blocks, "best_step": best_step, "ablation": ablated,
+                     "dropped": stats[0]["dropped"], **q})
         convs[key] = conv
         if progress:
             print(f"{key}: cos {cos_blocks:.4f} after blocks -> {q['cos_mean']:.4f} (p5 {q['cos_p5']:.4f}) "
@@ -269,6 +275,7 @@ def evaluate_configs(calib: list[str], held: list[str], configs, carve_sentences
         row["enc_speedup"] = {b: times[b]["dense"]["encoder"] / times[b][row["key"]]["encoder"] for b in batch_sizes}
     return {"rows": rows, "times": times, "backend": backend, "threads": n_threads,
             "n_calib": len(calib), "n_carve": min(carve_sentences, len(calib)), "n_eval": len(held),
+            "n_val": n_val,
             "calib_tokens": sum(int(b["attention_mask"].sum()) for b in distill_batches),
             "block_steps": block_steps, "steps": steps, "lr": lr, "batch_size": batch_size,
             "seq_len": seq_len, "batch_sizes": list(batch_sizes), "repeats": repeats,
@@ -310,15 +317,16 @@ def write_report(res: dict, md_path, png_path, command: str) -> None:
     t = res["times"]
     lines = [
         "| config (depth-leaf-master) | neurons/token | dropped/layer | busiest leaf | captured "
-        "| rel. error carved -> distilled | cos after blocks "
+        "| rel. error carved -> distilled | cos after blocks | e2e step kept "
         "| cos mean | cos p5 | top-%d agree | " % res["topk"]
         + " | ".join(f"FFN x (b{b})" for b in bs) + " | " + " | ".join(f"encoder x (b{b})" for b in bs) + " |",
-        "|" + "---|" * (10 + 2 * len(bs)),
+        "|" + "---|" * (11 + 2 * len(bs)),
     ]
     for r in res["rows"]:
         lines.append(
             f"| {r['key']} | {r['neurons']} | {r['dropped']} | {r['max_share']:.2f} | {r['captured']:.3f} | "
-            f"{r['rel_carved']:.3f} -> {r['rel_blocks']:.3f} | {r['cos_blocks']:.4f} | {r['cos_mean']:.4f} | "
+            f"{r['rel_carved']:.3f} -> {r['rel_blocks']:.3f} | {r['cos_blocks']:.4f} | {r['best_step']} | "
+            f"{r['cos_mean']:.4f} | "
             f"{r['cos_p5']:.4f} | "
             f"{r['nn_agree']:.3f} | " + " | ".join(f"{r['ffn_speedup'][b]:.2f}" for b in bs) + " | "
             + " | ".join(f"{r['enc_speedup'][b]:.2f}" for b in bs) + " |")
@@ -344,7 +352,9 @@ def write_report(res: dict, md_path, png_path, command: str) -> None:
         f"neighbours of {res['queries']} queries among all held-out sentences. Blocks: carved and distilled in "
         f"turn (residual targets, LayerNorm error weights; ridge refit + {res['block_steps']} Adam steps each). "
         f"End to end: {res['steps']} Adam steps (lr {res['lr']}, cosine decay, {res['batch_size']} sentences "
-        f"per step) on the final embeddings and hidden states, routing frozen. "
+        f"per step) on the final embeddings and hidden states, routing frozen, on the calibration sentences "
+        f"but the last {res['n_val']}, on which the loss is checked every tenth of the run: the weights of the "
+        f"best check are kept (step 0 = the blocks' weights). "
         f"Speed: median of {res['repeats']} interleaved runs, sequence length {res['seq_len']}, "
         f"torch threads {res['threads']}, FFF backend `{res['backend']}`, torch.inference_mode(). "
         f"Total run time {res['total_s']:.0f} s.", "",
@@ -354,7 +364,8 @@ def write_report(res: dict, md_path, png_path, command: str) -> None:
         "each token's leaf + master; rel. error = LayerNorm-weighted squared error of the FFN output / "
         "weighted output variance on calibration tokens, right after carving and after the block's "
         "distillation (mean over layers); cos after blocks = mean cosine before the end-to-end "
-        "distillation; x = dense time / converted time.", "",
+        "distillation; e2e step kept = the end-to-end step whose weights were kept (lowest validation "
+        "loss); x = dense time / converted time.", "",
         *ablation,
         "Absolute times (FFN = the 6 FFN blocks on the dense model's block inputs):", "",
         "\n".join(timing), "",
@@ -380,6 +391,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--steps", type=int, default=2000, help="end-to-end distillation steps (0: none)")
     parser.add_argument("--lr", type=float, default=3e-3, help="end-to-end distillation learning rate")
     parser.add_argument("--batch", type=int, default=32, help="sentences per end-to-end distillation step")
+    parser.add_argument("--val-sentences", type=int, default=320,
+                        help="calibration sentences held back to pick the best end-to-end step")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-sizes", default="1,64")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per variant (median)")
@@ -405,7 +418,7 @@ def run(args) -> int:
                            steps=args.steps, lr=args.lr, batch_size=args.batch, seq_len=args.seq_len,
                            batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")), repeats=args.repeats,
                            retrieval_queries=args.queries, max_carve_tokens=args.carve_tokens,
-                           threads=args.threads, ablation=not args.no_ablation)
+                           threads=args.threads, ablation=not args.no_ablation, val_sentences=args.val_sentences)
     write_report(res, args.out, args.plot, command="fastff " + " ".join(sys.argv[1:]))
     print(Path(args.out).read_text())
     return 0

@@ -161,8 +161,23 @@ def _outputs(model: nn.Module, batch: dict) -> tuple[torch.Tensor, list[torch.Te
     return mean_pool(out.last_hidden_state, _mask(batch)), list(out.hidden_states[1:])
 
 
+def _distill_loss(student: nn.Module, teacher: nn.Module, batch: dict, hidden_weight: float) -> torch.Tensor:
+    """``distill_model``'s loss on one batch (differentiable in the student)."""
+    with torch.no_grad():
+        pool_t, hid_t = _outputs(teacher, batch)
+    pool_s, hid_s = _outputs(student, batch)
+    loss = (1 - (pool_s * pool_t).sum(-1)).mean()
+    if hidden_weight:
+        mask = _mask(batch)
+        sel = (lambda h: h[mask]) if mask is not None else (lambda h: h.reshape(-1, h.shape[-1]))
+        loss = loss + hidden_weight * torch.stack(
+            [(sel(s) - sel(t)).square().mean() / sel(t).var() for s, t in zip(hid_s, hid_t)]).mean()
+    return loss
+
+
 def distill_model(student: nn.Module, teacher: nn.Module, batches: list[dict], steps: int, lr: float = 1e-4,
-                  hidden_weight: float = 1.0, progress: bool = True, seed: int = 0) -> dict:
+                  hidden_weight: float = 1.0, progress: bool = True, seed: int = 0,
+                  val_batches: list[dict] | None = None, checks: int = 10) -> dict:
     """Train the FFF layers of ``student`` (in place) so its outputs match ``teacher``'s on ``batches``.
 
     Loss per batch: ``mean(1 - cos(pool_s, pool_t)) + hidden_weight * mean_l MSE(h_s^l, h_t^l) / var(h_t^l)``
@@ -173,7 +188,11 @@ def distill_model(student: nn.Module, teacher: nn.Module, batches: list[dict], s
     ``routed_forward``. The rest of ``student`` (attention, LayerNorms, embeddings) stays frozen.
     Adam with a cosine learning-rate decay, one batch per step (cycling through ``batches`` in a
     seeded random order).
-    Returns {"loss_first", "loss_last"}: mean loss over the first and last tenth of the steps.
+    ``val_batches`` (calibration batches not in ``batches``): the loss on them is measured before
+    training and ``checks`` times during it, and the student ends with the weights of the lowest
+    one (possibly the untrained ones), so distillation never leaves it worse on validation.
+    Returns {"loss_first", "loss_last"}: mean loss over the first and last tenth of the steps, and
+    with ``val_batches`` also {"val_first", "val_best", "best_step"}.
     """
     steps = check_int("steps", steps, 1)
     if not batches:
@@ -193,26 +212,34 @@ def distill_model(student: nn.Module, teacher: nn.Module, batches: list[dict], s
     gen = torch.Generator().manual_seed(seed)
     order = itertools.chain.from_iterable(torch.randperm(len(batches), generator=gen).tolist()
                                           for _ in itertools.count())
-    losses = []
+    losses, val = [], {}
+    check_every = max(1, steps // max(1, checks))
     was_training = student.training
     student.eval()
+
+    def validate(step: int) -> None:
+        with torch.no_grad():
+            v = sum(_distill_loss(student, teacher, b, hidden_weight).item() for b in val_batches) / len(val_batches)
+        val.setdefault("val_first", v)
+        if v < val.get("val_best", float("inf")):
+            val.update(val_best=v, best_step=step, state=[p.detach().clone() for p in params])
+
     try:
-        for _, i in zip(tqdm(range(steps), desc="distill model", disable=not progress, leave=False), order):
-            batch = batches[i]
-            with torch.no_grad():
-                pool_t, hid_t = _outputs(teacher, batch)
-            pool_s, hid_s = _outputs(student, batch)
-            mask = _mask(batch)
-            loss = (1 - (pool_s * pool_t).sum(-1)).mean()
-            if hidden_weight:
-                sel = (lambda h: h[mask]) if mask is not None else (lambda h: h.reshape(-1, h.shape[-1]))
-                loss = loss + hidden_weight * torch.stack(
-                    [(sel(s) - sel(t)).square().mean() / sel(t).var() for s, t in zip(hid_s, hid_t)]).mean()
+        if val_batches:
+            validate(0)
+        for step, i in zip(tqdm(range(1, steps + 1), desc="distill model", disable=not progress, leave=False), order):
+            loss = _distill_loss(student, teacher, batches[i], hidden_weight)
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
             losses.append(loss.item())
+            if val_batches and (step % check_every == 0 or step == steps):
+                validate(step)
+        if val_batches:
+            with torch.no_grad():
+                for p, best in zip(params, val.pop("state")):
+                    p.copy_(best)
     finally:
         for parent, attr, original in swapped:
             setattr(parent, attr, original)
@@ -220,4 +247,4 @@ def distill_model(student: nn.Module, teacher: nn.Module, batches: list[dict], s
             p.requires_grad_(req)
         student.train(was_training)
     tenth = max(1, steps // 10)
-    return {"loss_first": sum(losses[:tenth]) / tenth, "loss_last": sum(losses[-tenth:]) / tenth}
+    return {"loss_first": sum(losses[:tenth]) / tenth, "loss_last": sum(losses[-tenth:]) / tenth, **val}
