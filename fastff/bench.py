@@ -209,8 +209,9 @@ REWARM_MAX_BATCH = 1024  # above this a call is long enough that its cache state
 
 def repeats_for(batch: int, base: int) -> int:
     """Fewer repeats for big batches (the dense baseline is slow there): ``base`` up to batch
-    256, then proportionally fewer, at least 3 (and at most ``base``)."""
-    return min(base, max(3, base * 256 // max(1, batch)))
+    256, then proportionally fewer, at least 5 (a median of 3 let one slow call through) and
+    at most ``base``."""
+    return min(base, max(5, base * 256 // max(1, batch)))
 
 
 def bench_rows(spec: Spec, batches: list[int], repeats: int = 20, warmup: int = 2,
