@@ -137,11 +137,10 @@ def candidates(spec: Spec, include: set[str]) -> dict:
     # cpu-kernel and cpu-numba get layers of their own: candidates that shared weights would warm
     # each other's caches (after the dense baseline evicts them, whichever ran second would win).
     if "cpu-kernel" in include:
-        kernel, w = _kernel_and_weights(spec)
+        kernel, _, w = _cpu_functions_and_weights(spec)
         out["cpu-kernel"] = lambda x: kernel(x, *w, spec.activation)
     if "cpu-numba" in include:
-        kernel, w = _kernel_and_weights(spec)
-        run = kernels.cpu.fff_run if spec.layer == "fff" else kernels.cpu.neuron_tree_run
+        _, run, w = _cpu_functions_and_weights(spec)
         out["cpu-numba"] = _numba_call(run, kernels.cpu.weights_np(*w), kernels.cpu.ACT_CODES[spec.activation],
                                        spec.dim)
     for k in (1, 2):
@@ -151,12 +150,14 @@ def candidates(spec: Spec, include: set[str]) -> dict:
     return out
 
 
-def _kernel_and_weights(spec: Spec):
-    """(backend function of ``kernels.cpu``, weight tensors) of a freshly built layer."""
+def _cpu_functions_and_weights(spec: Spec):
+    """(backend function and numba-part function of ``kernels.cpu``, weight tensors of a freshly
+    built layer)."""
     layer = spec.build("cpu")
+    cpu = kernels.cpu
     if spec.layer == "fff":
-        return kernels.cpu.fff_hard, (layer.node_w, layer.node_b, layer.w1, layer.b1, layer.w2, layer.b2)
-    return kernels.cpu.neuron_tree, (layer.w_in, layer.b_in, layer.w_out, layer.b_out)
+        return cpu.fff_hard, cpu.fff_run, (layer.node_w, layer.node_b, layer.w1, layer.b1, layer.w2, layer.b2)
+    return cpu.neuron_tree, cpu.neuron_tree_run, (layer.w_in, layer.b_in, layer.w_out, layer.b_out)
 
 
 def _numba_call(run, weights, code: int, out_features: int):

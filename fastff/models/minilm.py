@@ -82,9 +82,10 @@ def split_sentences(sentences: list[str], n_calib: int, n_eval: int, seed: int =
     return pick[n_eval:n_eval + n_calib], pick[:n_eval]
 
 
-def encode_batches(tok, sentences: list[str], batch_size: int, max_len: int = 256) -> list[dict]:
-    """Tokenised batches of ``sentences`` grouped by length (little padding): [{input_ids, attention_mask}]."""
-    ordered = sorted(sentences, key=len)
+def encode_batches(tok, sentences: list[str], batch_size: int, max_len: int = 256, by_length: bool = True) -> list[dict]:
+    """Tokenised batches of ``sentences``: [{input_ids, attention_mask}], grouped by length (little
+    padding) or, with ``by_length=False``, in the given order."""
+    ordered = sorted(sentences, key=len) if by_length else sentences
     return [tok(ordered[i:i + batch_size], padding=True, truncation=True, max_length=max_len, return_tensors="pt")
             for i in range(0, len(ordered), batch_size)]
 
@@ -93,11 +94,8 @@ def encode_batches(tok, sentences: list[str], batch_size: int, max_len: int = 25
 def embed(model, tok, sentences: list[str], batch_size: int = 64) -> torch.Tensor:
     """Sentence embeddings (n, hidden) in the order of ``sentences``: mean over non-padding
     tokens, L2-normalised."""
-    outs = []
-    for i in range(0, len(sentences), batch_size):
-        enc = tok(sentences[i:i + batch_size], padding=True, truncation=True, max_length=256, return_tensors="pt")
-        outs.append(mean_pool(model(**enc).last_hidden_state, enc["attention_mask"]))
-    return torch.cat(outs)
+    return torch.cat([mean_pool(model(**enc).last_hidden_state, enc["attention_mask"])
+                      for enc in encode_batches(tok, sentences, batch_size, by_length=False)])
 
 
 def convert(model, carve_batches: list[dict], depth: int, leaf_width: int, master: int, block_steps: int = 50,
