@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/kernel_paths.py [--rows 4096] [--dim 768]
 
 Thread CPU time (``time.thread_time``) with one numba thread, so other processes on a shared
-machine inflate the numbers less than wall-clock time would. Best of 7, interleaved.
+machine inflate the numbers less than wall-clock time would. Median of 7, interleaved
+(``fastff.apps.timing.median_times``).
 NeuronTree 1x11 and FFF depth 8 / leaf 16, GELU, float32.
 """
 from __future__ import annotations
@@ -16,19 +17,15 @@ import numpy as np
 import torch
 
 import fastff
+from fastff.apps.timing import median_times
+from fastff.functional import activation_code
 from fastff.kernels import cpu
+from fastff.kernels.numba import infer
+from fastff.kernels.numba.common import group_tiles
 
 
-def best_cpu_time(fns: dict, repeats: int = 7) -> dict:
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t = time.thread_time()
-            fn()
-            times[name].append(time.thread_time() - t)
-    return {name: min(ts) for name, ts in times.items()}
+def cpu_times(fns: dict, repeats: int = 7) -> dict:
+    return median_times(fns, repeats, warmup=1, clock=time.thread_time)
 
 
 def main() -> None:
@@ -38,34 +35,34 @@ def main() -> None:
     args = p.parse_args()
     numba.set_num_threads(1)
     torch.manual_seed(0)
-    B, d, code = args.rows, args.dim, cpu.ACT_CODES["gelu"]
+    B, d, code = args.rows, args.dim, activation_code("gelu")
     x = torch.randn(B, d).numpy()
     out = np.empty((B, d), np.float32)
 
     nt = fastff.NeuronTree(d, d, 11, 1)
     wi, bi, wo, bo = cpu.weights_np(nt.w_in, nt.b_in, nt.w_out, nt.b_out)
     split = cpu.nt_split(12, (d + d) * 4)
-    fns = {"per-row walk": lambda: cpu._nt_serial(x, wi, bi, wo, bo, 12, code, out)}
+    fns = {"per-row walk": lambda: infer.nt_serial(x, wi, bi, wo, bo, 12, code, out)}
     for s in sorted({split - 2, split, split + 1} & set(range(1, 12))):
         fns[f"subtree groups, split {s}" + (" (auto)" if s == split else "")] = \
-            (lambda s: lambda: cpu._nt_throughput(x, wi, bi, wo, bo, 12, s, cpu.NT_TILE, code, out))(s)
+            (lambda s: lambda: infer.nt_throughput(x, wi, bi, wo, bo, 12, s, cpu.NT_TILE, code, out))(s)
     same = np.repeat(x[:1], B, axis=0)
-    fns["per-row walk, every row on one path"] = lambda: cpu._nt_serial(same, wi, bi, wo, bo, 12, code, out)
-    report("NeuronTree 1x11", best_cpu_time(fns), B)
+    fns["per-row walk, every row on one path"] = lambda: infer.nt_serial(same, wi, bi, wo, bo, 12, code, out)
+    report("NeuronTree 1x11", cpu_times(fns), B)
 
     ff = fastff.FFF(d, d, 8, 16, activation="gelu")
     w = cpu.weights_np(ff.node_w, ff.node_b, ff.w1, ff.b1, ff.w2, ff.b2)
-    leaf = np.empty(B, np.int64)
+    leaf, gate = np.empty(B, np.int64), np.empty(B, np.float32)
 
     def tiles():
-        cpu._fff_route(x, w[0], w[1], 8, leaf)
-        order, t = cpu._group_tiles(leaf, 256, cpu.LEAF_TILE)
-        cpu._fff_tiles(x, *w[2:], code, order, t, out)
+        infer.fff_route(x, w[0], w[1], 8, False, leaf, gate)
+        order, t = group_tiles(leaf, 256, cpu.LEAF_TILE)
+        infer.fff_tiles(x, *w[2:], code, False, gate, order, t, out)
 
-    fns = {"per-row walk": lambda: cpu._fff_serial(x, w[0], w[1], 8, *w[2:], code, out),
-           "routing pass only": lambda: cpu._fff_route(x, w[0], w[1], 8, leaf),
+    fns = {"per-row walk": lambda: infer.fff_serial(x, w[0], w[1], 8, *w[2:], code, False, out),
+           "routing pass only": lambda: infer.fff_route(x, w[0], w[1], 8, False, leaf, gate),
            "leaf-grouped tiles (route + sort + tiles)": tiles}
-    report("FFF depth 8 leaf 16", best_cpu_time(fns), B)
+    report("FFF depth 8 leaf 16", cpu_times(fns), B)
 
 
 def report(title: str, times: dict, rows: int) -> None:

@@ -1,10 +1,10 @@
-"""The README's kernel table from the outputs of ``bash benchmarks/issue3.sh``.
+"""The README's kernel table from the outputs of ``bash benchmarks/run_all.sh``.
 
     .venv/bin/python benchmarks/summarize.py [benchmarks/results]
 
 Reads the ``fastff bench`` tables in ``nt_1x11*.txt`` / ``fff_d8_l16*.txt`` and prints one markdown
 row per (layer, batch, threads): dense ms and the speed-up of the layer call (``cpu``), the
-backend call (``cpu-kernel``) and the numba kernel alone (``cpu-numba``), with the issue's target.
+backend call (``cpu-kernel``) and the numba kernel alone (``cpu-numba``).
 """
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ import sys
 from pathlib import Path
 
 RUNS = {"nt_1x11": "NeuronTree 1x11", "fff_d8_l16": "FFF d8 l16"}
-TARGETS = {("nt_1x11", 1): 250, ("nt_1x11", 4096): 100, ("nt_1x11", 16384): 60,
-           ("fff_d8_l16", 1): 100, ("fff_d8_l16", 4096): 40}
 
 
 def read_table(path: Path) -> dict[tuple[int, str], float]:
@@ -30,8 +28,8 @@ def read_table(path: Path) -> dict[tuple[int, str], float]:
 
 
 def main(results: Path) -> None:
-    print("| layer | batch | threads | dense ms | layer × | backend × | kernel × | target |")
-    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    print("| layer | batch | threads | dense ms | layer × | backend × | kernel × |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for run, title in RUNS.items():
         for suffix, threads in (("", 2), ("_t1", 1)):
             path = results / f"{run}{suffix}.txt"
@@ -41,9 +39,7 @@ def main(results: Path) -> None:
             for batch in sorted({b for b, _ in ms}):
                 dense = ms[batch, "dense"]
                 ratios = [f"{dense / ms[batch, k]:.0f}" for k in ("cpu", "cpu-kernel", "cpu-numba")]
-                target = TARGETS.get((run, batch))
-                print(f"| {title} | {batch} | {threads} | {dense:.3g} | " + " | ".join(ratios)
-                      + f" | {f'≥ {target}x' if target else ''} |")
+                print(f"| {title} | {batch} | {threads} | {dense:.3g} | " + " | ".join(ratios) + " |")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 
 import torch
 
@@ -67,6 +68,22 @@ def check_choice(name: str, value, choices):
         allowed = ", ".join(repr(c) for c in choices)
         raise ValueError(f"{name} must be one of {allowed}; got {value!r}")
     return value
+
+
+def check_parameter_bytes(layer: str, elements: int) -> None:
+    """A layer of ``elements`` parameters (default dtype, default device) must fit in this
+    machine's memory; otherwise ValueError naming the size in bytes (instead of an allocator
+    failure, or a machine that starts swapping). Skipped on the ``meta`` device."""
+    if torch.empty(0).device.type == "meta":
+        return
+    size = elements * torch.empty(0).element_size()
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):   # not a POSIX system: no limit known
+        return
+    if size > memory:
+        raise ValueError(f"{layer} would have {elements:,} parameters = {size:,} bytes ({size / 2**30:.1f} GiB), "
+                         f"more than this machine's memory ({memory:,} bytes); use a smaller depth or width")
 
 
 class CheckedInput:

@@ -1,25 +1,38 @@
-"""Routing math shared by every layer and kernel.
+"""Routing maths, tree geometry and the activation table: each defined once, here.
 
 Trees are stored in heap order: node 0 is the root, the children of node ``i`` are
 ``2*i + 1`` (left) and ``2*i + 2`` (right). A row goes right at a node iff the node's
-pre-activation is ``>= 0`` (equivalently, its sigmoid decision is ``>= 0.5``). This rule
-is defined here once and used everywhere.
+pre-activation is ``>= 0`` (equivalently, its sigmoid decision is ``>= 0.5``). Every torch
+path calls ``go_right`` / ``child_index``; the compiled kernels (numba, Triton), which cannot
+call Python, restate the rule once each (``kernels/numba/common.py``, ``kernels/triton.py``).
 
-Shapes: ``B`` rows, ``I`` input features, ``N = 2**d - 1`` decision nodes,
-``L = 2**d`` leaves, ``K`` parallel trees.
+Geometry: an FFF of depth ``d`` has ``N = 2**d - 1`` decision nodes and ``L = 2**d`` leaves; a
+neuron tree of depth ``D`` has ``M = 2**(D+1) - 1`` neurons on ``D + 1`` levels. Kernels read
+depths from weight shapes with ``fff_depth`` / ``tree_levels``.
+
+Shapes: ``B`` rows, ``I`` input features, ``K`` parallel trees.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
     "ACTIVATIONS",
+    "ACTIVATION_CODES",
     "get_activation",
+    "activation_code",
     "go_right",
     "child_index",
     "n_nodes",
-    "hard_leaf_index",
+    "fff_depth",
+    "tree_size",
+    "tree_levels",
+    "taken_prob",
+    "HardPath",
+    "hard_path",
     "mixture_weights",
     "leaf_paths",
     "node_reach",
@@ -38,9 +51,21 @@ ACTIVATIONS = {
 }
 
 
+# The numbering the compiled kernels (numba, Triton) use for the activations above.
+ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
+
+
 def get_activation(name: str):
     """The elementwise function registered as ``name`` (see ``ACTIVATIONS``)."""
     return ACTIVATIONS[name]
+
+
+def activation_code(name: str) -> int:
+    """The kernels' code of activation ``name``; ValueError for an unknown name."""
+    code = ACTIVATION_CODES.get(name)
+    if code is None:
+        raise ValueError(f"activation must be one of {', '.join(map(repr, ACTIVATIONS))}; got {name!r}")
+    return code
 
 
 def go_right(logit: torch.Tensor) -> torch.Tensor:
@@ -53,21 +78,57 @@ def child_index(node: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     return 2 * node + 1 + right.long()
 
 
+def taken_prob(logit: torch.Tensor) -> torch.Tensor:
+    """Probability of the branch the routing rule takes at a node with this logit:
+    ``sigmoid(|logit|)`` (>= 0.5). The product along a path is the hard path's gate."""
+    return torch.sigmoid(logit.abs())
+
+
 def n_nodes(depth: int) -> int:
     """Decision nodes of an FFF of this depth: ``2**depth - 1``."""
     return (1 << depth) - 1
 
 
-def hard_leaf_index(x: torch.Tensor, node_w: torch.Tensor, node_b: torch.Tensor, depth: int) -> torch.Tensor:
-    """Hard descent, vectorised over rows. x (B, I), node_w (N, I), node_b (N,) -> leaf (B,) long.
+def fff_depth(n_leaves: int) -> int:
+    """Depth of an FFF with ``n_leaves = 2**depth`` leaves (e.g. ``w1.shape[0]``)."""
+    return n_leaves.bit_length() - 1
 
-    One gathered dot product per level: O(depth * I) per row.
-    """
+
+def tree_size(depth: int) -> int:
+    """Neurons of one neuron tree of this depth: ``2**(depth+1) - 1``."""
+    return (2 << depth) - 1
+
+
+def tree_levels(size: int) -> int:
+    """Levels ``depth + 1`` of a neuron tree of ``size = 2**(depth+1) - 1`` neurons (e.g. ``w_in.shape[1]``)."""
+    return (size + 1).bit_length() - 1
+
+
+class HardPath(NamedTuple):
+    """One hard descent per row: nodes (B, d) long the visited decision nodes, logits (B, d)
+    their pre-activations (differentiable), leaf (B,) long the reached leaf."""
+    nodes: torch.Tensor
+    logits: torch.Tensor
+    leaf: torch.Tensor
+
+
+def hard_path(x: torch.Tensor, node_w: torch.Tensor, node_b: torch.Tensor, depth: int,
+              flip: torch.Tensor | None = None) -> HardPath:
+    """Hard descent through FFF decision nodes, vectorised over rows. x (B, I), node_w (N, I),
+    node_b (N,), flip (B, depth) bool or None: a flipped level takes the other child (region
+    leak). One gathered dot product per level: O(depth * I) per row."""
     node = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-    for _ in range(depth):
+    nodes, logits = [], []
+    for t in range(depth):
         logit = torch.einsum("bi,bi->b", x, node_w[node]) + node_b[node]
-        node = child_index(node, go_right(logit))
-    return node - n_nodes(depth)
+        nodes.append(node)
+        logits.append(logit)
+        right = go_right(logit) if flip is None else go_right(logit) ^ flip[:, t]
+        node = child_index(node, right)
+    if not nodes:
+        empty = x.new_zeros(x.shape[0], 0)
+        return HardPath(empty.long(), empty, node)
+    return HardPath(torch.stack(nodes, 1), torch.stack(logits, 1), node - n_nodes(depth))
 
 
 def leaf_paths(depth: int, device=None):
@@ -84,7 +145,7 @@ def leaf_paths(depth: int, device=None):
         bit = (leaves >> (depth - 1 - t)) & 1
         nodes[:, t] = node
         right[:, t] = bit.bool()
-        node = 2 * node + 1 + bit
+        node = child_index(node, right[:, t])
     return nodes, right
 
 

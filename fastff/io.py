@@ -78,6 +78,16 @@ def _registry() -> dict[str, type]:
     return _REGISTRY
 
 
+def build(class_name: str, **config) -> nn.Module:
+    """A new instance of a registered class (every fastff layer, or a class decorated with
+    ``serializable``) by its name, e.g. ``build("FFF", in_features=8, out_features=2, depth=3,
+    leaf_width=4)``."""
+    cls = _registry().get(class_name)
+    if cls is None:
+        raise ValueError(f"unknown layer class {class_name!r}; known: {sorted(_registry())}")
+    return cls(**config)
+
+
 def _is_plain(value) -> bool:
     return isinstance(value, _PLAIN) or (isinstance(value, (list, tuple)) and all(map(_is_plain, value)))
 

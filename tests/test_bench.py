@@ -1,4 +1,4 @@
-"""`fastff bench` (issue 3): a tiny smoke run through the CLI, the writers and the hooks."""
+"""`fastff bench`: a tiny smoke run through the CLI, the writers and the hooks."""
 import json
 import sys
 import types
@@ -7,7 +7,7 @@ import numba
 import pytest
 import torch
 
-from fastff import bench, cli
+from fastff.apps import bench, cli
 
 
 @pytest.fixture(autouse=True)
@@ -87,8 +87,8 @@ def test_train_and_onnx_hooks(monkeypatch, capsys):
         calls.append(("onnx", type(layer).__name__, batches))
         return [dict(row, backend="onnx-hook")]
 
-    monkeypatch.setitem(sys.modules, "fastff.training.train_bench", types.SimpleNamespace(train_step_rows=train_step_rows))
-    monkeypatch.setitem(sys.modules, "fastff.export", types.SimpleNamespace(onnx_bench_rows=onnx_bench_rows))
+    monkeypatch.setitem(sys.modules, "fastff.apps.train_bench", types.SimpleNamespace(train_step_rows=train_step_rows))
+    monkeypatch.setitem(sys.modules, "fastff.apps.onnx_bench", types.SimpleNamespace(onnx_bench_rows=onnx_bench_rows))
     out = run_cli([*SMOKE, "--json", "--train", "--onnx", "--quick"], capsys).out
     backends = [json.loads(line)["backend"] for line in out.splitlines()]
     assert backends.count("train-hook") == 2 and backends.count("onnx-hook") == 1

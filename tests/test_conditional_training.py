@@ -1,4 +1,4 @@
-"""Conditional training (issue 4): NeuronTree sparse autograd, FFF hard_path, local optimisers."""
+"""Conditional training: NeuronTree sparse autograd, FFF hard_path, local optimisers."""
 import copy
 
 import pytest
@@ -6,9 +6,10 @@ import torch
 from hypothesis import given, strategies as st
 
 import fastff
-from fastff.kernels import autograd as AG, reference as R
+from fastff import kernels
+from fastff.kernels import reference as R
 from fastff.training import LocalAdam, LocalSGD, load_balancing_loss
-from fastff.training.train_bench import train_step_rows
+from fastff.apps.train_bench import train_step_rows
 
 F64 = torch.float64
 LEAD = [(), (3,), (2, 3)]
@@ -41,7 +42,7 @@ def test_neuron_tree_conditional_grads_equal_masked_dense(depth, trees, lead, ac
     torch.testing.assert_close(y.reshape(-1, 4), y_ref, rtol=1e-9, atol=1e-10)
     expected = grads(y_ref, [x] + params, g.reshape(-1, 4))
     assert_all_close(grads(y, [x] + params, g), expected)
-    y_t, _ = AG.neuron_tree_conditional(x.reshape(-1, 5), nt.w_in, nt.b_in, nt.w_out, nt.b_out, act, impl="torch")
+    y_t, _ = kernels.resolve("torch").neuron_tree_paths(x.reshape(-1, 5), nt.w_in, nt.b_in, nt.w_out, nt.b_out, act)
     assert_all_close(grads(y_t, [x] + params, g.reshape(-1, 4)), expected)
 
 
@@ -61,33 +62,33 @@ def fff_params(f):
 
 
 @given(depth=st.integers(0, 6), leaf=st.integers(1, 5), lead=st.sampled_from(LEAD),
-       act=st.sampled_from(ACTS), impl=st.sampled_from(["numba", "torch"]), seed=st.integers(0, 2**16))
-def test_hard_path_equals_all_leaves_masked_reference(depth, leaf, lead, act, impl, seed):
+       act=st.sampled_from(ACTS), backend=st.sampled_from(["cpu", "torch"]), seed=st.integers(0, 2**16))
+def test_hard_path_equals_all_leaves_masked_reference(depth, leaf, lead, act, backend, seed):
     torch.manual_seed(seed)
     f = fastff.FFF(5, 3, depth, leaf, activation=act, train_mode="hard_path").to(F64).train()
     x = torch.randn(*lead, 6, 5, dtype=F64, requires_grad=True)
     x2 = x.reshape(-1, 5)
-    if impl == "numba":
+    if backend == "cpu":
         y = f(x).reshape(-1, 3)
     else:
-        y = AG.fff_hard_path(x2, *fff_params(f), act, impl="torch")[0]
+        y = kernels.fff_hard_path(x2, *fff_params(f), act, backend="torch")[0]
     y_ref = R.fff_hard_path(x2, *fff_params(f), act)
     torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-10)
     g = torch.randn_like(y)
     assert_all_close(grads(y, [x] + fff_params(f), g), grads(y_ref, [x] + fff_params(f), g))
 
 
-@pytest.mark.parametrize("impl", ["numba", "torch"])
-def test_hard_path_region_leak_and_hardened(impl):
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_hard_path_region_leak_and_hardened(backend):
     torch.manual_seed(1)
     f = fastff.FFF(4, 2, 4, 3).to(F64)
     x = torch.randn(20, 4, dtype=F64)
     flip = torch.ones(20, 4, dtype=torch.bool)                         # every decision swapped
-    y, q, *_ = AG.fff_hard_path(x, *fff_params(f), "relu", flip=flip, impl=impl)
+    y, q, *_ = kernels.fff_hard_path(x, *fff_params(f), "relu", flip=flip, backend=backend)
     p = torch.sigmoid(x @ f.node_w.T + f.node_b)
     torch.testing.assert_close(y, R.fff_hard_path(x, *fff_params(f), "relu", p=1 - p))
     assert (q >= 0.5).all()                                            # the more probable child is taken
-    y_h, q_h, *_ = AG.fff_hard_path(x, *fff_params(f), "relu", hardened=True, impl=impl)
+    y_h, q_h, *_ = kernels.fff_hard_path(x, *fff_params(f), "relu", hardened=True, backend=backend)
     torch.testing.assert_close(y_h, R.fff_hard_path(x, *fff_params(f), "relu", p=(p >= 0.5).to(F64)))
     assert (q_h == 1).all()
     # the layer draws one Bernoulli(region_leak) flip per row and level and routes with it
@@ -97,8 +98,8 @@ def test_hard_path_region_leak_and_hardened(impl):
     y_leaky = leaky(xs)
     torch.manual_seed(7)
     flip = torch.rand(300, 6) < 0.3
-    torch.testing.assert_close(y_leaky, AG.fff_hard_path(xs, *fff_params(leaky), "relu", flip=flip, impl=impl)[0])
-    no_leak = AG.fff_hard_path(xs, *fff_params(leaky), "relu", impl=impl)[0]
+    torch.testing.assert_close(y_leaky, kernels.fff_hard_path(xs, *fff_params(leaky), "relu", flip=flip, backend=backend)[0])
+    no_leak = kernels.fff_hard_path(xs, *fff_params(leaky), "relu", backend=backend)[0]
     assert 0.6 < (y_leaky != no_leak).any(1).double().mean() < 0.98          # 1 - 0.7**6 = 0.88
 
 
@@ -107,9 +108,9 @@ def test_hard_path_dropout_numba_equals_torch():
     f = fastff.FFF(5, 3, 3, 4).to(F64)
     x = torch.randn(30, 5, dtype=F64, requires_grad=True)
     outs = []
-    for impl in ("numba", "torch"):
+    for backend in ("cpu", "torch"):
         torch.manual_seed(9)                                           # same dropout mask
-        y = AG.fff_hard_path(x, *fff_params(f), "gelu", dropout=0.5, impl=impl)[0]
+        y = kernels.fff_hard_path(x, *fff_params(f), "gelu", dropout=0.5, backend=backend)[0]
         outs.append((y, grads(y, [x] + fff_params(f), torch.ones_like(y))))
     torch.testing.assert_close(outs[0][0], outs[1][0])
     assert_all_close(outs[0][1], outs[1][1])
@@ -277,3 +278,21 @@ def test_train_bench_quick_rows():
     for r in rows:
         assert set(r) == {"layer", "batch", "depth", "backend", "ms", "speedup_vs_dense"}
         assert r["ms"] > 0 and r["speedup_vs_dense"] > 0
+
+
+@pytest.mark.parametrize("backend", [None, "cpu", "torch", "reference"])
+@pytest.mark.parametrize("make", [lambda b: fastff.NeuronTree(13, 7, 3, backend=b),
+                                  lambda b: fastff.FFF(13, 7, 3, 2, train_mode="hard_path", backend=b)])
+def test_empty_batch_backward(make, backend):
+    layer = make(backend).train()
+    x = torch.randn(0, 13, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad.shape == (0, 13)
+    assert all(p.grad is None or (p.grad == 0).all() for p in layer.parameters())
+
+
+def test_training_on_an_inference_only_backend_is_an_error():
+    with pytest.raises(ValueError, match="inference-only"):
+        fastff.NeuronTree(4, 3, 2, backend="triton").train()(torch.randn(2, 4))
+    with pytest.raises(ValueError, match="inference-only"):
+        fastff.FFF(4, 3, 2, 2, train_mode="hard_path", backend="triton").train()(torch.randn(2, 4))

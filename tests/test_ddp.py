@@ -1,5 +1,5 @@
 """DistributedDataParallel (gloo, 2 processes under torchrun) equals one process on the same
-global batch; aux records and usage counters are reduced across ranks (issue 7)."""
+global batch; aux records and usage counters are reduced across ranks."""
 import importlib.util
 import json
 import os

@@ -1,4 +1,4 @@
-"""fastff.set_deterministic: two seeded training runs give identical weights (issue 7)."""
+"""fastff.set_deterministic: two seeded training runs give identical weights."""
 import pytest
 import torch
 

@@ -1,11 +1,11 @@
-"""torch.export / ONNX export of eval-mode FFF and NeuronTree, checked under onnxruntime (issue 7)."""
+"""torch.export / ONNX export of eval-mode FFF and NeuronTree, checked under onnxruntime."""
 import pytest
 import torch
 
 import fastff
 from fastff import kernels
-from fastff.export import export_onnx, export_program, onnx_bench_rows, onnx_session
-from fastff.kernels import vectorized
+from fastff.apps.onnx_bench import onnx_bench_rows
+from fastff.export import export_onnx, export_program, onnx_session
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -21,9 +21,10 @@ def layer(request):
 
 
 def _unchanged_after(layer, fn):
-    backend, default, chunk = layer.backend, kernels.get_backend(), vectorized.CHUNK_BYTES
+    backend, default = layer.backend, kernels.get_backend()
     out = fn()
-    assert (layer.backend, kernels.get_backend(), vectorized.CHUNK_BYTES) == (backend, default, chunk)
+    assert (layer.backend, kernels.get_backend(), kernels.resolve(layer.backend)) == (
+        backend, default, kernels.resolve(backend))
     return out
 
 

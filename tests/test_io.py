@@ -1,4 +1,4 @@
-"""fastff.save / fastff.load: exact round trips, named mismatches, corrupted files (issue 7)."""
+"""fastff.save / fastff.load: exact round trips, named mismatches, corrupted files."""
 import os
 
 import pytest

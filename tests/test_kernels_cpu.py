@@ -1,4 +1,4 @@
-"""The numba CPU kernels (backend "cpu", issue 3) against the per-row reference walks."""
+"""The numba CPU kernels (backend "cpu") against the per-row reference walks."""
 from contextlib import ExitStack
 from unittest import mock
 
@@ -11,7 +11,8 @@ import fastff
 from fastff import kernels
 from fastff.functional import ACTIVATIONS
 from fastff.kernels import cpu, reference as R
-from fastff.kernels._threads import set_threads
+from fastff.kernels.numba import infer
+from fastff.threads import set_threads
 
 from _routing import route_margin
 
@@ -56,15 +57,17 @@ def make_input(shape, d_in, dtype, contiguous):
 @given(depth=st.integers(0, 7), leaf=st.integers(1, 20), d_in=st.integers(1, 24), d_out=st.integers(1, 9),
        shape=st.sampled_from(LEADING), dtype=st.sampled_from([torch.float32, torch.float64]),
        activation=st.sampled_from(sorted(ACTIVATIONS)), contiguous=st.booleans(),
-       path=st.sampled_from(sorted(PATHS)), seed=st.integers(0, 2**16))
-def test_fff_cpu_matches_reference(depth, leaf, d_in, d_out, shape, dtype, activation, contiguous, path, seed):
+       path=st.sampled_from(sorted(PATHS)), gated=st.booleans(), seed=st.integers(0, 2**16))
+def test_fff_cpu_matches_reference(depth, leaf, d_in, d_out, shape, dtype, activation, contiguous, path, gated, seed):
     torch.manual_seed(seed)
-    f = fastff.FFF(d_in, d_out, depth, leaf, activation=activation, backend="cpu").to(dtype).eval()
+    f = fastff.FFF(d_in, d_out, depth, leaf, activation=activation, backend="cpu",
+                   train_mode="hard_path" if gated else "soft").to(dtype).eval()
+    assert f.gated == gated
     x = make_input(shape, d_in, dtype, contiguous)
     with torch.no_grad(), forced_path(path):
         y = f(x)
     x2 = x.reshape(-1, d_in)
-    ref = R.fff_hard(x2.double(), *(p.detach().double() for p in fff_params(f)), activation)
+    ref = R.fff_hard(x2.double(), *(p.detach().double() for p in fff_params(f)), activation, gated)
     assert y.shape == (*shape, d_out) and y.dtype == dtype
     keep = route_margin(x2, f.node_w, f.node_b, depth) > 1e-4
     assert_matches(y.reshape(-1, d_out), ref, keep)
@@ -98,10 +101,10 @@ def test_neuron_tree_throughput_equals_walk_at_every_split(depth, trees, rows, s
     x = torch.randn(rows, 12).numpy()
     w_in, b_in, w_out, b_out = (p.detach().numpy() for p in nt_params(n))
     walk = torch.empty(rows, 5).numpy()
-    cpu._nt_serial(x, w_in, b_in, w_out, b_out, depth + 1, 1, walk)
+    infer.nt_serial(x, w_in, b_in, w_out, b_out, depth + 1, 1, walk)
     for split in range(1, depth + 1):
         out = torch.empty(rows, 5).numpy()
-        cpu._nt_throughput(x, w_in, b_in, w_out, b_out, depth + 1, split, 4, 1, out)
+        infer.nt_throughput(x, w_in, b_in, w_out, b_out, depth + 1, split, 4, 1, out)
         assert (out == walk).all()
 
 
@@ -191,11 +194,11 @@ def test_auto_uses_cpu_kernels_for_inference_only(dtype):
         with torch.no_grad():
             f(x), n(x)
         assert fk.call_count == 1 and nk.call_count == 1
-        y = f(x)          # grad mode and trainable parameters: the differentiable torch path
+        y = f(x)          # grad mode and trainable parameters: the differentiable cpu training kernels
         z = n(x)
         assert fk.call_count == 1 and nk.call_count == 1
         assert y.requires_grad and z.requires_grad
-    assert kernels.resolve(None, x) is kernels.AUTO and kernels.resolve("cpu", x) is cpu
+    assert kernels.resolve(None) is kernels.AUTO and kernels.resolve("cpu") is cpu
 
 
 def test_auto_falls_back_to_torch_off_cpu_dtypes():
@@ -232,9 +235,11 @@ def test_custom_op_matches_eager():
     f = fastff.FFF(8, 3, 3, 4).eval()
     x = torch.randn(6, 8)
     with torch.no_grad():
-        torch.testing.assert_close(torch.ops.fastff.fff_hard(x, *fff_params(f), "relu"),
-                                   cpu.fff_hard(x, *fff_params(f), "relu"), rtol=0, atol=0)
-    torch.library.opcheck(torch.ops.fastff.fff_hard.default, (x, *(p.detach() for p in fff_params(f)), "relu"),
+        for gated in (False, True):
+            torch.testing.assert_close(torch.ops.fastff.fff_hard(x, *fff_params(f), "relu", gated),
+                                       cpu.fff_hard(x, *fff_params(f), "relu", gated), rtol=0, atol=0)
+    torch.library.opcheck(torch.ops.fastff.fff_hard.default,
+                          (x, *(p.detach() for p in fff_params(f)), "relu", True),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -261,10 +266,30 @@ def test_single_threaded_blas_covers_every_loaded_blas():
     import scipy.linalg.cython_blas  # noqa: F401  (the BLAS numba's np.dot calls)
     from threadpoolctl import ThreadpoolController
 
-    from fastff.kernels._threads import single_threaded_blas
+    from fastff.threads import single_threaded_blas
 
     loaded = {i["filepath"] for i in ThreadpoolController().info() if i["user_api"] == "blas"}
     with single_threaded_blas():
         inside = {i["filepath"]: i["num_threads"] for i in ThreadpoolController().info() if i["user_api"] == "blas"}
     assert loaded and set(inside) >= loaded
     assert all(n == 1 for n in inside.values())
+
+
+@pytest.mark.parametrize("make", [lambda: fastff.FFF(8, 3, 3, 4), lambda: fastff.FFF(8, 3, 3, 4, train_mode="hard_path"),
+                                  lambda: fastff.NeuronTree(8, 3, 3, 2)])
+def test_cpu_backend_under_autograd_gives_the_gradients_of_the_torch_backend(make):
+    """Eval with backend="cpu" while autograd is on runs the conditional training kernels: the
+    layer and everything upstream get the same gradients as on the differentiable torch path."""
+    torch.manual_seed(6)
+    layer = make().double().eval()
+    x = torch.randn(30, 8, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for backend in ("cpu", "torch"):
+        layer.backend = backend
+        layer.zero_grad()
+        x.grad = None
+        layer(x).square().sum().backward()
+        grads.append([x.grad.clone()] + [p.grad.clone() for p in layer.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) > 1
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

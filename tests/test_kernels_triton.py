@@ -60,7 +60,7 @@ def test_triton_non_contiguous_input():
 
 def test_triton_errors(monkeypatch):
     params = fff_params(1, 3, 2, 2, torch.float32)
-    with pytest.raises(ValueError, match="supports activations"):
+    with pytest.raises(ValueError, match="activation must be one of"):
         T.fff_hard(torch.randn(2, 3), *params, "softplus")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="needs CUDA tensors"):
@@ -76,3 +76,36 @@ def test_triton_backend_is_registered_and_runs_a_layer():
     with torch.no_grad():
         expected = R.neuron_tree(x.reshape(-1, 9), layer.w_in, layer.b_in, layer.w_out, layer.b_out, "gelu")
         torch.testing.assert_close(layer(x).reshape(-1, 4), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_triton_nan_row_gives_nan_row(activation):
+    """Like nn.Linear: a NaN input row gives an all-NaN output row, for every activation."""
+    torch.manual_seed(2)
+    params = fff_params(2, 5, 3, 4, torch.float32)
+    M = 7
+    tree = [torch.randn(2, M, 5), torch.randn(2, M), torch.randn(2, M, 4), torch.randn(4)]
+    x = torch.randn(3, 5)
+    x[1, 2] = float("nan")
+    for y in (T.fff_hard(x, *params, activation), T.fff_hard(x, *params, activation, True),
+              T.neuron_tree(x, *tree, activation)):
+        assert torch.isnan(y[1]).all(), (activation, y[1])
+        assert torch.isfinite(y[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("depth", [0, 3])
+def test_triton_gated_fff_matches_reference(depth):
+    torch.manual_seed(3)
+    for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-10)):
+        params = fff_params(depth, 9, 4, 6, dtype)
+        x = torch.randn(7, 9, dtype=dtype)
+        torch.testing.assert_close(T.fff_hard(x, *params, "gelu", True), R.fff_hard(x, *params, "gelu", True),
+                                   rtol=tol, atol=tol)
+
+
+def test_triton_refuses_to_drop_gradients():
+    params = [p.requires_grad_() for p in fff_params(1, 3, 2, 2, torch.float32)]
+    with pytest.raises(ValueError, match="computes no gradients"):
+        T.fff_hard(torch.randn(2, 3), *params, "relu")
+    with torch.no_grad():
+        T.fff_hard(torch.randn(2, 3), *params, "relu")

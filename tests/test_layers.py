@@ -1,4 +1,4 @@
-"""Core layers against the per-row reference walks (issue 2)."""
+"""Core layers against the per-row reference walks."""
 import pytest
 import torch
 from hypothesis import given, strategies as st
@@ -244,3 +244,18 @@ def test_entropy_is_stable_and_zero_when_saturated():
     assert h[0] == 0 and h[-1] == 0
     assert h[2].item() == pytest.approx(torch.log(torch.tensor(2.0)).item())
     torch.testing.assert_close(h, bernoulli_entropy(-z))
+
+
+@pytest.mark.parametrize("bias", [-1e-9, -1e-30, 0.0, 1e-30])
+def test_train_hardened_decides_on_the_logit_sign_like_eval(bias):
+    """sigmoid(-1e-9) rounds to 0.5 in float32; the hardened decision still follows the sign of
+    the logit, as eval and hard_path do."""
+    f = fastff.FFF(3, 2, 1, 2, train_hardened=True)
+    with torch.no_grad():
+        f.node_w.zero_()
+        f.node_b.fill_(bias)
+    x = torch.randn(6, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(f.train()(x), f.eval()(x), rtol=0, atol=1e-6)
+        leaf = 1 if bias >= 0 else 0
+        torch.testing.assert_close(f.eval()(x), torch.relu(x @ f.w1[leaf] + f.b1[leaf]) @ f.w2[leaf] + f.b2[leaf])

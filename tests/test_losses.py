@@ -82,3 +82,15 @@ def test_losses_sum_over_layers_and_need_a_training_forward():
         fastff.hardening_loss(two, mode="max")
     with pytest.raises(ValueError, match="alpha"):
         fastff.load_balancing_loss(two, -1.0)
+
+
+@pytest.mark.parametrize("make", [lambda: fastff.FFF(4, 3, 3, 2), lambda: fastff.FFF(4, 3, 3, 2, train_mode="hard_path"),
+                                  lambda: fastff.MoE(4, 3, 4, 2)])
+def test_losses_after_an_empty_batch_are_zero(make):
+    """An empty training batch records zeros, not NaN (soft and hard_path FFF agree)."""
+    layer = make().train()
+    layer(torch.randn(0, 4))
+    assert fastff.load_balancing_loss(layer, 0.5).item() == 0.0
+    if isinstance(layer, fastff.FFF):
+        for mode in ("reach", "mean"):
+            assert fastff.hardening_loss(layer, mode=mode).item() == 0.0

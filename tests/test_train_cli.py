@@ -9,11 +9,11 @@ import shutil
 import pytest
 import torch
 
-from fastff.cli import main
+from fastff.apps.cli import main
 from fastff.data import load_dataset
 from fastff.training import trainer
-from fastff.training.trainer import (FFF_TRAIN_MODES, TrainConfig, fit, hardening_weight, load_run, lr_factor,
-                                     make_optimizer, save_run)
+from fastff.training.trainer import (TrainConfig, fit, hardening_weight, load_run, lr_factor, make_optimizer,
+                                     save_run)
 
 from test_data import write_idx_dir
 
@@ -37,9 +37,11 @@ def _predictions(run_dir, data_dir):
     ["--model", "ff", "--width", "8"],
     ["--model", "moe", "--width", "8", "--leaf", "2", "--top-k", "2", "--balance", "0.1"],
     ["--model", "neuron-tree", "--width", "7"],
-    pytest.param(["--model", "fff", "--width", "8", "--leaf", "2", "--train-mode", "hard_path", "--balance", "0.5"],
-                 marks=pytest.mark.skipif("hard_path" not in FFF_TRAIN_MODES,
-                                          reason="this FFF has no train_mode='hard_path'")),
+    ["--model", "fff", "--width", "8", "--leaf", "2", "--train-mode", "hard_path", "--balance", "0.5"],
+    ["--model", "fff", "--width", "8", "--leaf", "2", "--train-mode", "hard_path", "--optimizer", "local-adam",
+     "--lr", "0.01", "--local-batch-size", "16"],
+    ["--model", "dense", "--width", "8", "--optimizer", "local-sgd"],
+    ["--model", "neuron-tree", "--width", "7", "--optimizer", "local-sgd", "--lr", "0.05"],
     ["--model", "fff", "--arch", "vit", "--width", "4", "--leaf", "1", "--patch", "4", "--vit-dim", "8",
      "--vit-layers", "1", "--vit-heads", "2", "--hardening-mode", "reach"],
 ])
@@ -220,7 +222,7 @@ def test_recipe_grid_shares_one_recipe():
     differs from the plain FFF row of its seed exactly in its variant's options."""
     from dataclasses import asdict
 
-    from fastff.experiments import cli as experiments
+    from fastff.apps import experiment as experiments
 
     parser = argparse.ArgumentParser()
     experiments.add_arguments(parser)

@@ -1,4 +1,4 @@
-"""Every documented bad-input case of the core layers raises a clear error (issue 2)."""
+"""Every documented bad-input case of the core layers raises a clear error."""
 import pytest
 import torch
 
@@ -26,6 +26,8 @@ BAD_CONFIGS = [
     (lambda: fastff.MoE(4, 2, 4, 3, k=5), ValueError, r"k must be in \[1, 4\]"),
     (lambda: fastff.DenseFF(4, 2, 0), ValueError, "hidden"),
     (lambda: fastff.set_backend("fast"), ValueError, "backend must be one of"),
+    (lambda: fastff.FFF(13, 7, 30, 2), ValueError, r"FFF\(depth=30, leaf_width=2\) would have .* bytes"),
+    (lambda: fastff.NeuronTree(13, 7, 30), ValueError, r"NeuronTree\(depth=30, trees=1\) would have .* bytes"),
 ]
 
 

@@ -1,28 +1,41 @@
-"""Inference backends and the dispatch between them.
+"""Backends and the one dispatch point between them, for inference and training.
 
-Backends implement ``fff_hard(x, node_w, node_b, w1, b1, w2, b2, activation)`` and
-``neuron_tree(x, w_in, b_in, w_out, b_out, activation)`` on 2-D inputs:
+Every backend implements, on 2-D inputs,
 
-- ``"reference"``: per-row Python walk (slow, obviously correct; tests and baselines);
+- inference: ``fff_hard(x, node_w, node_b, w1, b1, w2, b2, activation, gated=False)`` and
+  ``neuron_tree(x, w_in, b_in, w_out, b_out, activation)``;
+- training (differentiable, O(depth) per row): ``neuron_tree_paths`` (-> output, visited
+  nodes), ``fff_walk`` and ``fff_leaves`` (composed into the FFF hard path by
+  ``fastff.kernels.routing.fff_hard_path``).
+
+Backends:
+
+- ``"reference"``: per-row Python walks (slow, obviously correct; tests and baselines);
 - ``"torch"``: vectorised gathers, any device, differentiable;
-- ``"cpu"``: numba kernels (``fastff.kernels.cpu``), CPU float32/float64, inference only;
-  registered as the ops ``torch.ops.fastff.fff_hard`` / ``torch.ops.fastff.neuron_tree_hard``;
+- ``"cpu"``: numba kernels (``fastff.kernels.cpu``), CPU float32/float64; hard-inference kernels
+  when no gradient is needed (ops ``torch.ops.fastff.fff_hard`` / ``neuron_tree_hard``), the
+  conditional training kernels when one is;
 - ``"triton"``: Triton GPU kernels (``fastff.kernels.triton``, imported on first use), CUDA
-  tensors, inference only; runs on CPU tensors in Triton's interpreter when ``TRITON_INTERPRET=1``;
-- ``"auto"`` (default): ``"cpu"`` when it applies — every tensor on the CPU in float32/float64
-  and no gradient needed (grad mode off, e.g. ``torch.no_grad()`` / ``torch.inference_mode()``,
-  or nothing requires grad) — ``"triton"`` for CUDA tensors that need no gradient when Triton is
-  installed, else ``"torch"``.
+  tensors, inference only (raises when autograd needs gradients, and cannot train); runs on CPU
+  tensors in Triton's interpreter when ``TRITON_INTERPRET=1``;
+- ``"auto"`` (default): ``"cpu"`` for CPU float32/float64 tensors (with or without gradients;
+  while traced by ``torch.compile`` / ``torch.export`` with gradients: ``"torch"``), ``"triton"``
+  for CUDA tensors that need no gradient when Triton is installed, else ``"torch"``.
+
+A layer's ``backend=`` (or the global ``set_backend``) picks the backend for its eval and its
+training forwards alike; ``forced_backend(name)`` overrides both for a block of code.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 
 import torch
 
 from .._checks import check_choice
-from . import cpu, reference, vectorized
+from . import cpu, reference, routing, vectorized
+from .routing import needs_grad
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -40,10 +53,12 @@ class _LazyModule:
 triton = _LazyModule("fastff.kernels.triton")
 BACKENDS = {"reference": reference, "torch": vectorized, "cpu": cpu, "triton": triton}
 _default = "auto"
+_forced: str | None = None
 
 
 def set_backend(name: str) -> None:
-    """Choose the default inference backend for every layer: ``"auto"`` or a name in ``BACKENDS``."""
+    """Choose the default backend of every layer without its own ``backend``: ``"auto"`` or a
+    name in ``BACKENDS``."""
     global _default
     _default = check_choice("backend", name, ("auto", *BACKENDS))
 
@@ -53,65 +68,94 @@ def get_backend() -> str:
     return _default
 
 
+@contextlib.contextmanager
+def forced_backend(name: str):
+    """Within the block every layer runs on backend ``name``, whatever its own ``backend``
+    (e.g. ``"torch"`` while exporting a graph)."""
+    global _forced
+    check_choice("backend", name, ("auto", *BACKENDS))
+    previous, _forced = _forced, name
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
 def cpu_applies(*tensors) -> bool:
-    """Whether ``"auto"`` runs these tensors (None skipped) on the ``"cpu"`` kernels: all on the
-    CPU in one dtype of ``cpu.DTYPES``, and no gradient needed."""
-    dtype = tensors[0].dtype
-    if dtype not in cpu.DTYPES or _needs_grad(tensors):
-        return False
-    return all(t is None or (t.is_cpu and t.dtype is dtype) for t in tensors)
+    """Whether ``"auto"`` runs these tensors (None skipped) on the ``"cpu"`` kernels."""
+    return cpu.applies(*tensors) and not (torch.compiler.is_compiling() and needs_grad(*tensors))
 
 
 def triton_applies(*tensors) -> bool:
     """Whether ``"auto"`` runs these tensors (None skipped) on the ``"triton"`` kernels."""
-    return (_HAS_TRITON and all(t is None or t.is_cuda for t in tensors) and not _needs_grad(tensors))
+    return _HAS_TRITON and all(t is None or t.is_cuda for t in tensors) and not needs_grad(*tensors)
 
 
-def _needs_grad(tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+def _pick(tensors, inference: bool):
+    """The backend ``"auto"`` runs these tensors on."""
+    if cpu_applies(*tensors):
+        return cpu
+    return triton if inference and triton_applies(*tensors) else vectorized
 
 
 class _Auto:
     """Backend ``"auto"``: picks ``cpu``, ``triton`` or ``torch`` per call, looking at every tensor.
-    (The eager CPU case is the hot path of every batch-1 call: one cached weight lookup.)"""
+    (The eager no-grad CPU case is the hot path of every batch-1 call: one cached weight lookup.)"""
 
     @staticmethod
-    def fff_hard(x, node_w, node_b, w1, b1, w2, b2, activation: str) -> torch.Tensor:
+    def fff_hard(x, node_w, node_b, w1, b1, w2, b2, activation: str, gated: bool = False) -> torch.Tensor:
         weights = (node_w, node_b, w1, b1, w2, b2)
-        if not _needs_grad((x, *weights)):
+        if not needs_grad(x, *weights):
             views = cpu.usable_views(x, weights)
             if views is not None:
-                return cpu.fff_eager(x, views, activation)
-        return _pick((x, *weights)).fff_hard(x, *weights, activation)
+                return cpu.fff_eager(x, views, activation, gated)
+        return _pick((x, *weights), True).fff_hard(x, *weights, activation, gated)
 
     @staticmethod
     def neuron_tree(x, w_in, b_in, w_out, b_out, activation: str) -> torch.Tensor:
         weights = (w_in, b_in, w_out, b_out)
-        if not _needs_grad((x, *weights)):
+        if not needs_grad(x, *weights):
             views = cpu.usable_views(x, weights)
             if views is not None:
                 return cpu.neuron_tree_eager(x, views, activation)
-        return _pick((x, *weights)).neuron_tree(x, *weights, activation)
+        return _pick((x, *weights), True).neuron_tree(x, *weights, activation)
 
+    @staticmethod
+    def neuron_tree_paths(x, w_in, b_in, w_out, b_out, activation: str):
+        return _pick((x, w_in, b_in, w_out, b_out), False).neuron_tree_paths(x, w_in, b_in, w_out, b_out, activation)
 
-def _pick(tensors):
-    """The backend for calls ``usable_views`` did not take: the CPU op when traced, else Triton
-    or torch."""
-    if cpu_applies(*tensors):
-        return cpu
-    return triton if triton_applies(*tensors) else vectorized
+    @staticmethod
+    def fff_walk(x, node_w, node_b, flip):
+        return _pick((x, node_w, node_b), False).fff_walk(x, node_w, node_b, flip)
+
+    @staticmethod
+    def fff_leaves(x, w1, b1, w2, b2, gate, leaf, mask, activation: str):
+        return _pick((x, w1, b1, w2, b2), False).fff_leaves(x, w1, b1, w2, b2, gate, leaf, mask, activation)
 
 
 AUTO = _Auto()
 
 
-def resolve(backend: str | None, x):
-    """The backend that runs ``x``: ``backend`` if given, else the global default. ``"auto"``
-    returns a dispatcher that chooses per call (see the module docstring)."""
-    name = backend or _default
+def resolve(backend: str | None, training: bool = False):
+    """The backend a layer with ``backend`` (None: the global default) runs on: a module with the
+    interface above, or for ``"auto"`` a dispatcher that chooses per call. ``training``: the
+    backend must provide the training ops (``"triton"`` does not: ValueError)."""
+    name = _forced or backend or _default
     if name == "auto":
         return AUTO
     module = BACKENDS.get(name) if isinstance(name, str) else None
     if module is None:
         check_choice("backend", name, ("auto", *BACKENDS))   # raises: not a backend name
+    if training and name == "triton":
+        raise ValueError("backend 'triton' is inference-only and cannot train; train with backend 'auto', "
+                         "'cpu' or 'torch' (layer.backend = None follows fastff.set_backend)")
     return module
+
+
+def fff_hard_path(x, node_w, node_b, w1, b1, w2, b2, activation: str, flip=None, hardened: bool = False,
+                  dropout: float = 0.0, backend: str | None = None):
+    """``routing.fff_hard_path`` on the training ops of ``backend`` (see ``resolve``)."""
+    be = resolve(backend, training=True)
+    return routing.fff_hard_path(be.fff_walk, be.fff_leaves, x, node_w, node_b, w1, b1, w2, b2, activation,
+                                 flip, hardened, dropout)
+

@@ -1,7 +1,7 @@
-"""Slow, obviously-correct forwards: one Python tree walk per row.
+"""Slow, obviously-correct forwards: one Python tree walk per row (backend ``"reference"``).
 
-Used only by tests (as the ground truth for every fast path) and as the per-sample-loop
-baseline in benchmarks. Shapes: x (B, I); FFF node_w (N, I), node_b (N,), w1 (L, I, H),
+The ground truth of every test of the fast paths, and the per-sample-loop baseline in benchmarks.
+Differentiable (plain torch ops). Shapes: x (B, I); FFF node_w (N, I), node_b (N,), w1 (L, I, H),
 b1 (L, H), w2 (L, H, O), b2 (L, O); NeuronTree w_in (K, M, I), b_in (K, M), w_out (K, M, O),
 b_out (O,) or None.
 """
@@ -9,32 +9,36 @@ from __future__ import annotations
 
 import torch
 
-from ..functional import get_activation, go_right, mixture_weights
+from ..functional import (child_index, fff_depth, get_activation, go_right, mixture_weights, taken_prob,
+                          tree_levels)
 
 
-def _depth_of(n_leaves: int) -> int:
-    return n_leaves.bit_length() - 1
+def _stack(rows: list, x: torch.Tensor, features: int) -> torch.Tensor:
+    return torch.stack(rows) if rows else x.new_zeros(0, features)
 
 
-def fff_hard(x, node_w, node_b, w1, b1, w2, b2, activation: str) -> torch.Tensor:
-    """Hard FFF inference: walk each row to one leaf, evaluate only that leaf. -> (B, O)."""
+def fff_hard(x, node_w, node_b, w1, b1, w2, b2, activation: str, gated: bool = False) -> torch.Tensor:
+    """Hard FFF inference: walk each row to one leaf, evaluate only that leaf (times the product
+    of the taken branches' probabilities if ``gated``). -> (B, O)."""
     act = get_activation(activation)
-    depth = _depth_of(w1.shape[0])
     rows = []
     for row in x:
-        node = 0
-        for _ in range(depth):
-            node = 2 * node + 1 + int(go_right(row @ node_w[node] + node_b[node]))
+        node, gate = 0, 1.0
+        for _ in range(fff_depth(w1.shape[0])):
+            logit = row @ node_w[node] + node_b[node]
+            gate = gate * taken_prob(logit)
+            node = int(child_index(node, go_right(logit)))
         leaf = node - len(node_b)
-        rows.append(act(row @ w1[leaf] + b1[leaf]) @ w2[leaf] + b2[leaf])
-    return torch.stack(rows) if rows else x.new_zeros(0, w2.shape[-1])
+        y = act(row @ w1[leaf] + b1[leaf]) @ w2[leaf] + b2[leaf]
+        rows.append(gate * y if gated else y)
+    return _stack(rows, x, w2.shape[-1])
 
 
 def fff_soft(x, node_w, node_b, w1, b1, w2, b2, activation: str, p=None) -> torch.Tensor:
     """Soft FFF (training forward): every leaf weighted by the product of the decisions on its
     root path. ``p`` (B, N) overrides the decisions sigmoid(x·w + b). -> (B, O)."""
     act = get_activation(activation)
-    depth = _depth_of(w1.shape[0])
+    depth = fff_depth(w1.shape[0])
     if p is None:
         p = torch.sigmoid(x @ node_w.T + node_b)
 
@@ -49,19 +53,19 @@ def fff_soft(x, node_w, node_b, w1, b1, w2, b2, activation: str, p=None) -> torc
     rows = [sum(leaf_weight(b, leaf) * (act(row @ w1[leaf] + b1[leaf]) @ w2[leaf] + b2[leaf])
                 for leaf in range(w1.shape[0]))
             for b, row in enumerate(x)]
-    return torch.stack(rows) if rows else x.new_zeros(0, w2.shape[-1])
+    return _stack(rows, x, w2.shape[-1])
 
 
 def neuron_tree_visits(x, w_in, b_in) -> torch.Tensor:
     """Visited node per row, tree and level by a per-row walk. -> (B, K, D+1) long."""
-    depth = _depth_of(w_in.shape[1] + 1) - 1
-    visits = torch.zeros(x.shape[0], w_in.shape[0], depth + 1, dtype=torch.long)
+    levels = tree_levels(w_in.shape[1])
+    visits = torch.zeros(x.shape[0], w_in.shape[0], levels, dtype=torch.long)
     for b, row in enumerate(x):
         for k in range(w_in.shape[0]):
             node = 0
-            for t in range(depth + 1):
+            for t in range(levels):
                 visits[b, k, t] = node
-                node = 2 * node + 1 + int(go_right(row @ w_in[k, node] + b_in[k, node]))
+                node = int(child_index(node, go_right(row @ w_in[k, node] + b_in[k, node])))
     return visits
 
 
@@ -77,7 +81,7 @@ def neuron_tree(x, w_in, b_in, w_out, b_out, activation: str) -> torch.Tensor:
             for node in visits[b, k].tolist():
                 out = out + act(row @ w_in[k, node] + b_in[k, node]) * w_out[k, node]
         rows.append(out)
-    return torch.stack(rows) if rows else x.new_zeros(0, w_out.shape[-1])
+    return _stack(rows, x, w_out.shape[-1])
 
 
 def neuron_tree_masked_dense(x, w_in, b_in, w_out, b_out, activation: str) -> torch.Tensor:
@@ -92,18 +96,50 @@ def neuron_tree_masked_dense(x, w_in, b_in, w_out, b_out, activation: str) -> to
     return y if b_out is None else y + b_out
 
 
+def neuron_tree_paths(x, w_in, b_in, w_out, b_out, activation: str):
+    """Training forward of the ``"reference"`` backend: (masked dense output (B, O), visits (B, K, D+1))."""
+    return neuron_tree_masked_dense(x, w_in, b_in, w_out, b_out, activation), neuron_tree_visits(x, w_in, b_in)
+
+
+def fff_walk(x, node_w, node_b, flip):
+    """Per-row descent (a flipped level takes the other child). -> (nodes (B, d), logits (B, d))."""
+    nodes, logits = [], []
+    for row, row_flip in zip(x, flip):
+        node, visited, zs = 0, [], []
+        for t in range(flip.shape[1]):
+            z = row @ node_w[node] + node_b[node]
+            visited.append(node)
+            zs.append(z)
+            node = int(child_index(node, go_right(z) ^ row_flip[t]))
+        nodes.append(torch.tensor(visited, dtype=torch.long))
+        logits.append(torch.stack(zs) if zs else x.new_zeros(0))
+    if not nodes:
+        return x.new_zeros(0, flip.shape[1], dtype=torch.long), x.new_zeros(0, flip.shape[1])
+    return torch.stack(nodes).reshape(len(nodes), -1), torch.stack(logits).reshape(len(nodes), -1)
+
+
+def fff_leaves(x, w1, b1, w2, b2, gate, leaf, mask, activation: str):
+    """Per row: gate · ((act(x·w1[leaf] + b1[leaf]) · mask) · w2[leaf] + b2[leaf]). -> (B, O)."""
+    act = get_activation(activation)
+    rows = [g * ((act(row @ w1[j] + b1[j]) * mask[b if mask.shape[0] > 1 else 0]) @ w2[j] + b2[j])
+            for b, (row, g, j) in enumerate(zip(x, gate, leaf.tolist()))]
+    if not rows:                                   # empty batch: (0, O), still part of the graph
+        return gate[:, None] * (act(x @ w1[0] + b1[0]) @ w2[0] + b2[0])
+    return torch.stack(rows)
+
+
 def fff_hard_path(x, node_w, node_b, w1, b1, w2, b2, activation: str, p=None) -> torch.Tensor:
     """Switch-style top-1 FFF training forward, the slow way: every leaf evaluated densely,
     then masked to the greedy leaf (at each node the more probable child, right iff p >= 0.5)
     and weighted by that leaf's soft mixture weight. ``p`` (B, N) overrides the decisions
     sigmoid(x·w + b) (e.g. region leak). Differentiable. -> (B, O)."""
     act = get_activation(activation)
-    depth = _depth_of(w1.shape[0])
+    depth = fff_depth(w1.shape[0])
     if p is None:
         p = torch.sigmoid(x @ node_w.T + node_b)
     node = torch.zeros(x.shape[0], dtype=torch.long)
     for _ in range(depth):
-        node = 2 * node + 1 + (p.gather(1, node[:, None])[:, 0] >= 0.5).long()
+        node = child_index(node, go_right(p.gather(1, node[:, None])[:, 0] - 0.5))
     mask = torch.nn.functional.one_hot(node - len(node_b), w1.shape[0]).to(x.dtype)   # (B, L)
     h = act(torch.einsum("bi,lih->blh", x, w1) + b1)
     leaves = torch.einsum("blh,lho->blo", h, w2) + b2                                  # (B, L, O)

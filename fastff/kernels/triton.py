@@ -3,7 +3,9 @@
 One program per row: it walks the tree(s) with chunked dot products over the input features
 and writes its output row, so there are no races and no atomics. Tensors must be CUDA tensors,
 or CPU tensors when the Triton interpreter is on (``TRITON_INTERPRET=1`` set before import).
-Same interface and semantics as ``fastff.kernels.vectorized``.
+Same inference interface and semantics as ``fastff.kernels.vectorized``; inference only: it
+computes no gradients and raises when autograd needs them. Activation codes are
+``fastff.functional.ACTIVATION_CODES``.
 """
 from __future__ import annotations
 
@@ -13,26 +15,37 @@ import torch
 import triton
 import triton.language as tl
 
-ACT_CODES = {"identity": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "tanh": 5, "sigmoid": 6}
+from ..functional import ACTIVATION_CODES, activation_code, fff_depth, tree_levels
+from .routing import needs_grad
+
+if list(ACTIVATION_CODES) != ["relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid", "identity"]:
+    raise ImportError("fastff.kernels.triton: ACTIVATION_CODES changed; update _act")
 MAX_LEAF_WIDTH = 4096
 
 
 @triton.jit
 def _act(v, ACT: tl.constexpr):
-    if ACT == 1:
-        v = tl.maximum(v, 0.0)
-    elif ACT == 2:
+    """Activation by ``ACTIVATION_CODES``; NaN in, NaN out (relu keeps NaN: v < 0 is false)."""
+    if ACT == 0:
+        v = tl.where(v < 0.0, 0.0, v)
+    elif ACT == 1:
         v = 0.5 * v * (1.0 + tl.math.erf(v * 0.7071067811865476))
-    elif ACT == 3:
+    elif ACT == 2:
         u = 0.7978845608028654 * (v + 0.044715 * v * v * v)
         v = 0.5 * v * (1.0 + (2.0 * tl.sigmoid(2.0 * u) - 1.0))
-    elif ACT == 4:
+    elif ACT == 3:
         v = v * tl.sigmoid(v)
-    elif ACT == 5:
+    elif ACT == 4:
         v = 2.0 * tl.sigmoid(2.0 * v) - 1.0
-    elif ACT == 6:
+    elif ACT == 5:
         v = tl.sigmoid(v)
     return v
+
+
+@triton.jit
+def _child(node, a):
+    """The routing rule: heap-order child of ``node``, right iff ``a >= 0``."""
+    return 2 * node + 1 + (a >= 0).to(tl.int32)
 
 
 @triton.jit
@@ -48,14 +61,17 @@ def _dot_row(x_row, w_row, I, BLOCK_I: tl.constexpr, ACC: tl.constexpr):
 
 @triton.jit
 def _fff_kernel(x, node_w, node_b, w1, b1, w2, b2, y, I, O, H,
-                DEPTH: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
-                BLOCK_O: tl.constexpr):
+                DEPTH: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, ACC: tl.constexpr, BLOCK_I: tl.constexpr,
+                BLOCK_H: tl.constexpr, BLOCK_O: tl.constexpr):
     row = tl.program_id(0)
     x_row = x + row * I
     node = 0
+    gate = tl.full((), 1.0, ACC)
     for _ in range(DEPTH):
         logit = _dot_row(x_row, node_w + node * I, I, BLOCK_I, ACC) + tl.load(node_b + node).to(ACC)
-        node = 2 * node + 1 + (logit >= 0).to(tl.int32)
+        if GATED:
+            gate = gate * tl.sigmoid(tl.abs(logit))
+        node = _child(node, logit)
     leaf = node - ((1 << DEPTH) - 1)
     hs = tl.arange(0, BLOCK_H)
     hm = hs < H
@@ -73,6 +89,8 @@ def _fff_kernel(x, node_w, node_b, w1, b1, w2, b2, y, I, O, H,
         om = offs < O
         tile = tl.load(w2 + leaf * H * O + hs[:, None] * O + offs[None, :], mask=hm[:, None] & om[None, :], other=0.0)
         out = tl.sum(h[:, None] * tile.to(ACC), axis=0) + tl.load(b2 + leaf * O + offs, mask=om, other=0.0)
+        if GATED:
+            out = out * gate
         tl.store(y + row * O + offs, out.to(y.dtype.element_ty), mask=om)
 
 
@@ -98,7 +116,7 @@ def _neuron_tree_kernel(x, w_in, b_in, w_out, b_out, y, I, O, K, M,
             a = _dot_row(x_row, w_in + (k * M + node) * I, I, BLOCK_I, ACC) + tl.load(b_in + k * M + node).to(ACC)
             nodes = tl.where(lv == t, node, nodes)
             hs = tl.where(lv == t, _act(a, ACT), hs)
-            node = 2 * node + 1 + (a >= 0).to(tl.int32)
+            node = _child(node, a)
         lm = lv < LEVELS
         for start in range(0, O, BLOCK_O):                   # y += Σ_t h_t · w_out[k, node_t]
             offs = start + tl.arange(0, BLOCK_O)
@@ -114,8 +132,11 @@ def _interpreting() -> bool:
 
 
 def _check(x: torch.Tensor, activation: str, *tensors: torch.Tensor) -> None:
-    if activation not in ACT_CODES:
-        raise ValueError(f"the triton backend supports activations {sorted(ACT_CODES)}, got {activation!r}")
+    activation_code(activation)
+    if needs_grad(x, *tensors):
+        raise ValueError("the triton backend computes no gradients, but autograd needs them here (an input or "
+                         "weight requires grad): run under torch.no_grad() / torch.inference_mode(), or use "
+                         "backend='torch' (or 'auto')")
     if not (x.is_cuda or _interpreting()):
         raise ValueError(f"the triton backend needs CUDA tensors (got device {x.device}); on CPU, set "
                          f"TRITON_INTERPRET=1 before importing fastff to run it in Triton's interpreter")
@@ -132,9 +153,9 @@ def _block(n: int, cap: int) -> int:
     return min(triton.next_power_of_2(max(1, n)), cap)
 
 
-def fff_hard(x, node_w, node_b, w1, b1, w2, b2, activation: str) -> torch.Tensor:
+def fff_hard(x, node_w, node_b, w1, b1, w2, b2, activation: str, gated: bool = False) -> torch.Tensor:
     """Hard FFF inference. x (B, I) -> (B, O); see ``fastff.kernels.reference.fff_hard``."""
-    _check(x, activation, node_w, w1, w2)
+    _check(x, activation, node_w, node_b, w1, b1, w2, b2)
     L, I, H = w1.shape
     O = w2.shape[-1]
     if H > MAX_LEAF_WIDTH:
@@ -143,23 +164,23 @@ def fff_hard(x, node_w, node_b, w1, b1, w2, b2, activation: str) -> torch.Tensor
     y = torch.empty(x.shape[0], O, dtype=x.dtype, device=x.device)
     if x.shape[0]:
         _fff_kernel[(x.shape[0],)](x, node_w.contiguous(), node_b.contiguous(), w1.contiguous(), b1.contiguous(),
-                                   w2.contiguous(), b2.contiguous(), y, I, O, H, DEPTH=L.bit_length() - 1,
-                                   ACT=ACT_CODES[activation], ACC=_acc(x), BLOCK_I=_block(I, 128), BLOCK_H=_block(H, MAX_LEAF_WIDTH),
+                                   w2.contiguous(), b2.contiguous(), y, I, O, H, DEPTH=fff_depth(L),
+                                   ACT=activation_code(activation), GATED=bool(gated), ACC=_acc(x), BLOCK_I=_block(I, 128), BLOCK_H=_block(H, MAX_LEAF_WIDTH),
                                    BLOCK_O=_block(O, 128))
     return y
 
 
 def neuron_tree(x, w_in, b_in, w_out, b_out, activation: str) -> torch.Tensor:
     """NeuronTree inference. x (B, I) -> (B, O); see ``fastff.kernels.reference.neuron_tree``."""
-    _check(x, activation, w_in, w_out, b_out)
+    _check(x, activation, w_in, b_in, w_out, b_out)
     K, M, I = w_in.shape
     O = w_out.shape[-1]
-    levels = (M + 1).bit_length() - 1
+    levels = tree_levels(M)
     x = x.contiguous()
     y = torch.empty(x.shape[0], O, dtype=x.dtype, device=x.device)
     if x.shape[0]:
         _neuron_tree_kernel[(x.shape[0],)](
             x, w_in.contiguous(), b_in.contiguous(), w_out.contiguous(), b_out if b_out is not None else w_out, y,
-            I, O, K, M, LEVELS=levels, HAS_BIAS=b_out is not None, ACT=ACT_CODES[activation], ACC=_acc(x),
+            I, O, K, M, LEVELS=levels, HAS_BIAS=b_out is not None, ACT=activation_code(activation), ACC=_acc(x),
             BLOCK_I=_block(I, 128), BLOCK_L=_block(levels, 64), BLOCK_O=_block(O, 128))
     return y

@@ -1,45 +1,68 @@
-"""Vectorised PyTorch inference paths (backend ``"torch"``): gathers, no Python loop over rows.
+"""Vectorised PyTorch paths (backend ``"torch"``): gathers, no Python loop over rows, any device,
+differentiable (inference and training).
 
-Rows are processed in chunks so the gathered per-row weights stay under ``CHUNK_BYTES``.
-Both functions are differentiable and run on any device.
+Inference rows are processed in chunks so the gathered per-row weights stay under
+``CHUNK_BYTES`` (one chunk while traced by ``torch.export`` / ``torch.compile``, so the batch
+dimension stays symbolic).
 """
 from __future__ import annotations
 
 import torch
 
-from ..functional import get_activation, hard_leaf_index, neuron_tree_walk
+from ..functional import fff_depth, get_activation, hard_path, neuron_tree_walk, taken_prob, tree_levels
 
 CHUNK_BYTES = 64 << 20
 
 
 def _chunks(x: torch.Tensor, bytes_per_row: int):
-    step = max(1, CHUNK_BYTES // max(1, bytes_per_row))
-    return x.split(step) if x.shape[0] else (x,)
+    if torch.compiler.is_compiling() or not x.shape[0]:
+        return (x,)
+    return x.split(max(1, CHUNK_BYTES // max(1, bytes_per_row)))
 
 
-def fff_hard(x, node_w, node_b, w1, b1, w2, b2, activation: str) -> torch.Tensor:
-    """Hard FFF inference. x (B, I) -> (B, O); see ``fastff.kernels.reference.fff_hard``."""
-    act = get_activation(activation)
-    depth = w1.shape[0].bit_length() - 1
+def _leaf_mlp(x, w1, b1, w2, b2, leaf, activation: str, mask=None) -> torch.Tensor:
+    """Each row through its own leaf: act(x·w1[leaf] + b1[leaf]) (· mask) · w2[leaf] + b2[leaf]."""
+    h = get_activation(activation)(torch.einsum("bi,bih->bh", x, w1[leaf]) + b1[leaf])
+    if mask is not None:
+        h = h * mask
+    return torch.einsum("bh,bho->bo", h, w2[leaf]) + b2[leaf]
+
+
+def fff_hard(x, node_w, node_b, w1, b1, w2, b2, activation: str, gated: bool = False) -> torch.Tensor:
+    """Hard FFF forward. x (B, I) -> (B, O); see ``fastff.kernels.reference.fff_hard``."""
+    depth = fff_depth(w1.shape[0])
     per_row = (w1[0].numel() + w2[0].numel()) * x.element_size()
     outs = []
     for xc in _chunks(x, per_row):
-        leaf = hard_leaf_index(xc, node_w, node_b, depth)
-        h = act(torch.einsum("bi,bih->bh", xc, w1[leaf]) + b1[leaf])
-        outs.append(torch.einsum("bh,bho->bo", h, w2[leaf]) + b2[leaf])
+        path = hard_path(xc, node_w, node_b, depth)
+        y = _leaf_mlp(xc, w1, b1, w2, b2, path.leaf, activation)
+        outs.append(y * taken_prob(path.logits).prod(1, keepdim=True) if gated else y)
     return torch.cat(outs)
 
 
 def neuron_tree(x, w_in, b_in, w_out, b_out, activation: str) -> torch.Tensor:
-    """NeuronTree forward (train and eval). x (B, I) -> (B, O); see ``reference.neuron_tree``."""
-    act = get_activation(activation)
-    depth = (w_in.shape[1] + 1).bit_length() - 2
-    K = w_in.shape[0]
-    per_row = K * (depth + 1) * (w_in.shape[-1] + w_out.shape[-1]) * x.element_size()
-    tree = torch.arange(K, device=x.device)[:, None]
-    outs = []
-    for xc in _chunks(x, per_row):
-        nodes, a = neuron_tree_walk(xc, w_in, b_in, depth)          # (B, K, D+1)
-        y = torch.einsum("bkt,bkto->bo", act(a), w_out[tree, nodes])
-        outs.append(y if b_out is None else y + b_out)
-    return torch.cat(outs)
+    """NeuronTree forward. x (B, I) -> (B, O); see ``reference.neuron_tree``."""
+    levels, K = tree_levels(w_in.shape[1]), w_in.shape[0]
+    per_row = K * levels * (w_in.shape[-1] + w_out.shape[-1]) * x.element_size()
+    return torch.cat([neuron_tree_paths(xc, w_in, b_in, w_out, b_out, activation)[0]
+                      for xc in _chunks(x, per_row)])
+
+
+def neuron_tree_paths(x, w_in, b_in, w_out, b_out, activation: str):
+    """NeuronTree forward with the visited nodes. -> (y (B, O), nodes (B, K, D+1) long);
+    differentiable through the visited neurons only."""
+    nodes, a = neuron_tree_walk(x, w_in, b_in, tree_levels(w_in.shape[1]) - 1)    # (B, K, D+1)
+    tree = torch.arange(w_in.shape[0], device=x.device)[:, None]
+    y = torch.einsum("bkt,bkto->bo", get_activation(activation)(a), w_out[tree, nodes])
+    return (y if b_out is None else y + b_out), nodes
+
+
+def fff_walk(x, node_w, node_b, flip):
+    """Hard descent (``functional.hard_path``). flip (B, d) bool -> (nodes (B, d), logits (B, d))."""
+    path = hard_path(x, node_w, node_b, flip.shape[1], flip)
+    return path.nodes, path.logits
+
+
+def fff_leaves(x, w1, b1, w2, b2, gate, leaf, mask, activation: str):
+    """gate · leaf MLP of each row's ``leaf`` with hidden ``mask`` (B, H) or (1, H). -> (B, O)."""
+    return gate[:, None] * _leaf_mlp(x, w1, b1, w2, b2, leaf, activation, mask)

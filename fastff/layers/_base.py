@@ -9,6 +9,11 @@ from .._checks import CheckedInput, ShapeCheckedLoad, check_input
 from ..io import serializable
 
 
+def batch_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean over the rows (dim 0) of t (B, ...); zeros for an empty batch (not NaN)."""
+    return t.sum(0) / max(1, t.shape[0])
+
+
 class RoutedLayer(CheckedInput, ShapeCheckedLoad, nn.Module):
     """Base of FFF, NeuronTree and MoE.
 

@@ -6,12 +6,11 @@ import math
 import torch
 from torch import nn
 
-from .._checks import check_bool, check_choice, check_fraction, check_int
+from .._checks import check_bool, check_choice, check_fraction, check_int, check_parameter_bytes
 from .. import kernels
-from ..kernels import autograd
 from ..functional import (ACTIVATIONS, bernoulli_entropy, get_activation, go_right, child_index,
                           mixture_weights, n_nodes, node_reach)
-from ._base import RoutedLayer
+from ._base import RoutedLayer, batch_mean
 from .dense import DenseFF
 
 MASTER_LEAF = (None, "scalar", "token")
@@ -31,19 +30,25 @@ class FFF(RoutedLayer):
     - train mode, ``train_mode="soft"`` (default): soft mixture over all leaves, leaf weight =
       product of sigmoid decisions on its path (costs a dense layer of width 2**depth·leaf_width);
       ``region_leak`` swaps each (row, node) decision p -> 1-p with that probability;
-      ``train_hardened`` rounds the decisions (nodes then get no gradient).
+      ``train_hardened`` makes each decision hard by the sign of its logit (the eval rule; nodes
+      then get no gradient).
     - ``train_mode="hard_path"``: Switch-style top-1 routing down the tree. Each row descends
       greedily (more probable child at every node, after region leak), only the reached leaf
-      is evaluated, and its output is multiplied by that leaf's soft mixture weight (the
-      product of the taken branches' probabilities), so the visited nodes get gradients.
-      Forward and backward cost O(depth·in + leaf_width·(in + out)) per row
-      (``fastff.kernels.autograd.fff_hard_path``). ``aux`` and ``usage`` then see only the
-      hard path: ``route_prob`` is the batch mean of the gate credited to the reached leaf,
-      ``node_entropy`` / ``reach_entropy`` sum each row's entropy at the visited nodes only
-      (the latter weighted by the path probability reaching the node), soft usage adds the
-      gate to the reached leaf and the path reach to the visited nodes.
-    - eval mode: hard descent (right iff x·w + b >= 0), only the reached leaf is evaluated;
-      runs on the backend chosen by ``backend`` or ``fastff.set_backend``.
+      is evaluated, and its output is multiplied by the *gate*, that leaf's soft mixture weight
+      (the product of the taken branches' probabilities), so the visited nodes get gradients
+      (``train_hardened``: the gate is 1). Forward and backward cost
+      O(depth·in + leaf_width·(in + out)) per row (``fastff.kernels.fff_hard_path``). ``aux``
+      and ``usage`` then see only the hard path: ``route_prob`` is the batch mean of the gate
+      credited to the reached leaf, ``node_entropy`` / ``reach_entropy`` sum each row's entropy
+      at the visited nodes only (the latter weighted by the path probability reaching the
+      node, a constant: see ``hardening_loss``), soft usage adds the gate to the reached leaf
+      and the path reach to the visited nodes.
+    - eval mode: hard descent (right iff x·w + b >= 0), only the reached leaf is evaluated. A
+      layer whose training forward is gated (``train_mode="hard_path"`` without
+      ``train_hardened``) multiplies the leaf output by the same gate, so eval computes the
+      function it was trained as (without the training noise: region leak, dropout). Runs on
+      the backend chosen by ``backend`` or ``fastff.set_backend``; differentiable in the leaf
+      (and gated: node) weights when autograd needs it.
     - ``master_leaf``: an always-on dense leaf of ``master_width`` neurons (default
       ``leaf_width``) blended as ``g·tree(x) + (1-g)·master(x)``, with ``g = sigmoid(k)`` for
       one trainable scalar (``"scalar"``) or ``g = sigmoid(x·u + c)`` per row (``"token"``).
@@ -76,6 +81,8 @@ class FFF(RoutedLayer):
         self.train_mode = check_choice("train_mode", train_mode, TRAIN_MODES)
         self.backend = None if backend is None else check_choice("backend", backend, ("auto", *kernels.BACKENDS))
         N, L, H = n_nodes(depth), 1 << depth, leaf_width
+        check_parameter_bytes(f"FFF(depth={depth}, leaf_width={leaf_width})",
+                              N * (in_features + 1) + L * (in_features * H + H + H * out_features + out_features))
         self.node_w = _uniform((N, in_features), in_features)
         self.node_b = _uniform((N,), in_features)
         self.w1 = _uniform((L, in_features, H), in_features)
@@ -119,26 +126,38 @@ class FFF(RoutedLayer):
             self.leaf_usage.zero_()
             self.node_usage.zero_()
 
+    @property
+    def gated(self) -> bool:
+        """Whether the tree's output is multiplied by its hard path's gate (train and eval)."""
+        return self.train_mode == "hard_path" and not self.train_hardened
+
+    def master_gate(self, x: torch.Tensor) -> torch.Tensor:
+        """The tree's share g of the blend ``g·tree(x) + (1-g)·master(x)``: ``sigmoid(k)`` (1,)
+        or per row ``sigmoid(x·u + c)`` (B, 1). x (B, in); needs a master leaf."""
+        return torch.sigmoid(self.gate(x) if self.master_leaf == "token" else self.gate)
+
     def _forward_2d(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             tree = self._soft(x) if self.train_mode == "soft" else self._hard_path(x)
         else:
             p = self._param
-            tree = kernels.resolve(self.backend, x).fff_hard(
-                x, p("node_w"), p("node_b"), p("w1"), p("b1"), p("w2"), p("b2"), self.activation)
+            tree = kernels.resolve(self.backend).fff_hard(
+                x, p("node_w"), p("node_b"), p("w1"), p("b1"), p("w2"), p("b2"), self.activation, self.gated)
         if self.master is None:
             return tree
-        g = torch.sigmoid(self.gate(x) if self.master_leaf == "token" else self.gate)
+        g = self.master_gate(x)
         return g * tree + (1 - g) * self.master(x)
 
     def _soft(self, x: torch.Tensor) -> torch.Tensor:
         """Training forward: soft mixture over all leaves; records ``aux`` and usage."""
         logits = x @ self.node_w.T + self.node_b                      # (B, N)
-        p = torch.sigmoid(logits)
-        if self.region_leak > 0:
-            p = torch.where(torch.rand_like(p) < self.region_leak, 1 - p, p)
-        if self.train_hardened:
-            p = go_right(p - 0.5).to(p.dtype)
+        flip = torch.rand_like(logits) < self.region_leak if self.region_leak > 0 else None
+        if self.train_hardened:                                        # the eval rule: sign of the logit
+            right = go_right(logits) if flip is None else go_right(logits) ^ flip
+            p = right.to(logits.dtype)
+        else:
+            p = torch.sigmoid(logits)
+            p = p if flip is None else torch.where(flip, 1 - p, p)
         mix = mixture_weights(p, self.depth)                           # (B, L)
         h = get_activation(self.activation)(torch.einsum("bi,lih->blh", x, self.w1) + self.b1)
         h = nn.functional.dropout(h, self.dropout, training=True)
@@ -151,9 +170,9 @@ class FFF(RoutedLayer):
         flip = None
         if self.region_leak > 0:
             flip = torch.rand(x.shape[0], self.depth, device=x.device) < self.region_leak
-        y, q, leaf, nodes, logits = autograd.fff_hard_path(
+        y, q, leaf, nodes, logits = kernels.fff_hard_path(
             x, self.node_w, self.node_b, self.w1, self.b1, self.w2, self.b2, self.activation,
-            flip=flip, hardened=self.train_hardened, dropout=self.dropout)
+            flip=flip, hardened=self.train_hardened, dropout=self.dropout, backend=self.backend)
         B, N, L = x.shape[0], n_nodes(self.depth), self.n_leaves
         gate = q.prod(1)                                               # (B,)
         reach = torch.cat((q.new_ones(B, 1), q[:, :-1].detach().cumprod(1)), 1) if self.depth else q.detach()
@@ -191,10 +210,10 @@ class FFF(RoutedLayer):
         leaf = self._hard_leaf(logits)
         counts = torch.bincount(leaf, minlength=self.n_leaves).to(mix.dtype)
         self.aux = {
-            "node_entropy": entropy.mean(0),                           # (N,)
-            "reach_entropy": (reach * entropy).mean(0),                # (N,)
+            "node_entropy": batch_mean(entropy),                       # (N,)
+            "reach_entropy": batch_mean(reach * entropy),              # (N,)
             "route_fraction": counts / max(1, logits.shape[0]),         # (L,) hard, no grad
-            "route_prob": mix.mean(0),                                 # (L,)
+            "route_prob": batch_mean(mix),                             # (L,)
         }
         if self.usage == "soft":
             self.leaf_usage += mix.detach().sum(0).to(self.leaf_usage.dtype)

@@ -8,7 +8,7 @@ from torch import nn
 
 from .._checks import check_choice, check_int
 from ..functional import ACTIVATIONS, get_activation
-from ._base import RoutedLayer
+from ._base import RoutedLayer, batch_mean
 
 
 class MoE(RoutedLayer):
@@ -65,7 +65,7 @@ class MoE(RoutedLayer):
                 y = y.index_add(0, rows, gate.flatten()[slots, None] * (h @ self.w2[e] + self.b2[e]))
         if self.training:
             top1 = torch.bincount(chosen[:, 0], minlength=self.experts).to(x.dtype)
-            self.aux = {"route_fraction": top1 / max(1, x.shape[0]), "route_prob": probs.mean(0)}
+            self.aux = {"route_fraction": top1 / max(1, x.shape[0]), "route_prob": batch_mean(probs)}
         return y
 
     def extra_repr(self) -> str:

@@ -6,10 +6,9 @@ import math
 import torch
 from torch import nn
 
-from .._checks import check_bool, check_choice, check_int
+from .._checks import check_bool, check_choice, check_int, check_parameter_bytes
 from .. import kernels
-from ..kernels import autograd
-from ..functional import ACTIVATIONS
+from ..functional import ACTIVATIONS, tree_size
 from ._base import RoutedLayer
 
 USAGE = (None, "hard")
@@ -21,9 +20,10 @@ class NeuronTree(RoutedLayer):
     ``depth + 1`` levels add ``act(a) · w_out[node]`` with ``a = x·w_in[node] + b_in[node]``,
     then go right iff ``a >= 0``. x (..., in_features) -> (..., out_features).
 
-    Routing is by sign in both train and eval, so gradients reach only the visited neurons;
-    training runs ``fastff.kernels.autograd.neuron_tree_conditional``, whose forward and
-    backward touch only those neurons' weight rows (O(trees·(depth+1)·(in+out)) per row).
+    Routing is by sign in both train and eval, so train and eval compute the same function and
+    gradients reach only the visited neurons; training runs the backend's ``neuron_tree_paths``
+    (on CPU numba kernels), whose forward and backward touch only those neurons' weight rows
+    (O(trees·(depth+1)·(in+out)) per row).
     ``usage="hard"`` counts, in training forwards, how many rows visited each neuron into the
     buffer ``neuron_usage`` (K, M) (for ``fastff.training.LocalSGD`` / ``LocalAdam``);
     ``reset_usage()`` zeroes it.
@@ -44,7 +44,9 @@ class NeuronTree(RoutedLayer):
         self.trees = check_int("trees", trees, 1)
         self.activation = check_choice("activation", activation, tuple(ACTIVATIONS))
         self.backend = None if backend is None else check_choice("backend", backend, ("auto", *kernels.BACKENDS))
-        M = (1 << (depth + 1)) - 1
+        M = tree_size(depth)
+        check_parameter_bytes(f"NeuronTree(depth={depth}, trees={trees})",
+                              trees * M * (in_features + 1 + out_features) + out_features)
         b_in, b_out = 1 / math.sqrt(in_features), 1 / math.sqrt(trees * (depth + 1))
         self.w_in = nn.Parameter(torch.empty(trees, M, in_features).uniform_(-b_in, b_in))
         self.b_in = nn.Parameter(torch.empty(trees, M).uniform_(-b_in, b_in))
@@ -59,7 +61,7 @@ class NeuronTree(RoutedLayer):
 
     @property
     def neurons_per_tree(self) -> int:
-        return (1 << (self.depth + 1)) - 1
+        return tree_size(self.depth)
 
     @property
     def training_width(self) -> int:
@@ -78,11 +80,11 @@ class NeuronTree(RoutedLayer):
 
     def _forward_2d(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
-            return kernels.resolve(self.backend, x).neuron_tree(
+            return kernels.resolve(self.backend).neuron_tree(
                 x, self._param("w_in"), self._param("b_in"), self._param("w_out"), self._param("b_out"),
                 self.activation)
-        y, nodes = autograd.neuron_tree_conditional(x, self.w_in, self.b_in, self.w_out, self.b_out,
-                                                    self.activation)
+        y, nodes = kernels.resolve(self.backend, training=True).neuron_tree_paths(
+            x, self.w_in, self.b_in, self.w_out, self.b_out, self.activation)
         if self.usage == "hard":
             rows = (nodes + torch.arange(self.trees, device=x.device)[:, None] * self.neurons_per_tree).flatten()
             self.neuron_usage.view(-1).index_add_(0, rows, torch.ones_like(rows, dtype=self.neuron_usage.dtype))

@@ -34,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._checks import check_int
-from ..functional import ACTIVATIONS, hard_leaf_index
+from ..functional import ACTIVATIONS, hard_path
 from ..layers.fff import FFF
 from .integrate import DenseWeights, dense_weights
 
@@ -319,14 +319,7 @@ def carve(dense_ffn, depth: int, leaf_width: int, calibration_inputs: torch.Tens
 def route_leaves(layer: FFF, x: torch.Tensor) -> torch.Tensor:
     """Hard leaf index of each row. x (T, in) -> (T,) long."""
     with torch.no_grad():
-        return hard_leaf_index(x, layer.node_w, layer.node_b, layer.depth)
-
-
-def _gate(layer: FFF, x: torch.Tensor) -> torch.Tensor:
-    """The tree's blend weight g: 1 without a master, else sigmoid(k) or sigmoid(x·u + c) (T, 1)."""
-    if layer.master is None:
-        return x.new_ones(())
-    return torch.sigmoid(layer.gate(x) if layer.master_leaf == "token" else layer.gate)
+        return hard_path(x, layer.node_w, layer.node_b, layer.depth).leaf
 
 
 def _gate_params(layer: FFF) -> list:
@@ -335,30 +328,16 @@ def _gate_params(layer: FFF) -> list:
     return list(layer.gate.parameters()) if isinstance(layer.gate, nn.Module) else [layer.gate]
 
 
-def routed_forward(layer: FFF, x: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
-    """Differentiable hard-routed forward with the leaf of every row given: one small GEMM per leaf
-    on its rows (cost of one leaf per row, unlike the soft mixture). x (T, in), leaf (T,) -> (T, out).
-    Equals ``layer.eval()(x)`` when ``leaf == route_leaves(layer, x)``."""
-    act = ACTIVATIONS[layer.activation]
-    order = leaf.argsort()
-    counts = torch.bincount(leaf, minlength=layer.n_leaves).tolist()
-    parts = [act(xs @ layer.w1[j] + layer.b1[j]) @ layer.w2[j] + layer.b2[j]
-             for j, xs in enumerate(x[order].split(counts)) if counts[j]]
-    rows = torch.cat(parts) if parts else x.new_zeros(0, layer.out_features)
-    tree = torch.empty(x.shape[0], layer.out_features, dtype=x.dtype).index_copy(0, order, rows)
-    if layer.master is None:
-        return tree
-    g = _gate(layer, x)
-    return g * tree + (1 - g) * layer.master(x)
-
-
 @torch.no_grad()
 def _refit_leaf_outputs(layer: FFF, x: torch.Tensor, target: torch.Tensor, ridge: float,
                         token_weight: torch.Tensor | None) -> None:
     """Closed-form ridge refit of each leaf's (w2, b2) on the tokens routed to it (routing fixed),
     least squares weighted by ``token_weight`` (T,) if given (per-output weights do not change it)."""
-    g = _gate(layer, x)
-    resid = target if layer.master is None else (target - (1 - g) * layer.master(x)) / g  # tree's share
+    if layer.master is None:
+        resid = target
+    else:                                                             # the tree's share of the target
+        g = layer.master_gate(x)
+        resid = (target - (1 - g) * layer.master(x)) / g
     leaf = route_leaves(layer, x)
     act = ACTIVATIONS[layer.activation]
     for j in range(layer.n_leaves):
@@ -387,8 +366,8 @@ def distill(layer: FFF, dense_ffn, inputs: torch.Tensor, steps: int = 0, lr: flo
     (weights default to 1), e.g. the LayerNorm that follows a BERT block scales output dim k of
     token t by ``gamma_k / sigma_t``, so ``gamma^2`` and ``1 / sigma^2`` measure what an error costs
     downstream (``fastff.models.sequential.convert_blocks`` passes them).
-    Routing is frozen (node hyperplanes untouched; training runs ``routed_forward`` on the hard
-    leaves, exactly the inference function).
+    Routing is frozen (node hyperplanes untouched; training runs the layer's eval forward, hard
+    routing with gradients for the leaves: exactly the inference function).
     1. ``refit``: (token-weighted) ridge least squares for every leaf's output weights and bias.
     2. ``steps`` Adam steps on leaf (and master) weights on the weighted squared error, tqdm
        progress; kept only if they lower the calibration error below the refit's.
@@ -433,16 +412,18 @@ def distill(layer: FFF, dense_ffn, inputs: torch.Tensor, steps: int = 0, lr: flo
         params = [p for p in layer.parameters() if p.requires_grad]
         refitted = [p.detach().clone() for p in params]
         opt = torch.optim.Adam(params, lr=lr)
-        leaf = route_leaves(layer, inputs)
         gen = torch.Generator().manual_seed(0)
+        was = layer.training
+        layer.eval()
         try:
             for _ in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
                 idx = torch.randint(0, inputs.shape[0], (min(batch_size, inputs.shape[0]),), generator=gen)
-                loss = weighted_sq(routed_forward(layer, inputs[idx], leaf[idx]) - target[idx], idx) / idx.numel()
+                loss = weighted_sq(layer(inputs[idx]) - target[idx], idx) / idx.numel()
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
         finally:
+            layer.train(was)
             for p, r in zip(frozen, was_req):
                 p.requires_grad_(r)
         stats["rel_after"] = rel_error()

@@ -24,7 +24,6 @@ from tqdm.auto import tqdm
 
 from .._checks import check_choice, check_int
 from ..layers.fff import FFF
-from .convert import route_leaves, routed_forward
 from .integrate import DenseWeights, ffn_input_module, find_ffn, swap_ffn
 
 __all__ = ["BlockFit", "ffn_inputs", "convert_blocks", "distill_model", "mean_pool"]
@@ -131,30 +130,6 @@ def mean_pool(h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp_min(1), dim=-1)
 
 
-class _Routed(nn.Module):
-    """Training stand-in for a carved FFF: its inference function, differentiable (``routed_forward``)."""
-
-    def __init__(self, layer: FFF):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        out = routed_forward(self.layer, flat, route_leaves(self.layer, flat))
-        return out.reshape(*x.shape[:-1], -1)
-
-
-def _swap_fffs(model: nn.Module, make) -> list[tuple[nn.Module, str, nn.Module]]:
-    """Replace every FFF child ``c`` of ``model`` by ``make(c)``; returns (parent, attr, original)."""
-    swapped = []
-    for parent in list(model.modules()):
-        for attr, child in list(parent.named_children()):
-            if isinstance(child, FFF):
-                setattr(parent, attr, make(child))
-                swapped.append((parent, attr, child))
-    return swapped
-
-
 def _outputs(model: nn.Module, batch: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(pooled embedding (B, D), hidden states after every layer [(B, S, D)] * n_layers)."""
     out = model(**batch, output_hidden_states=True)
@@ -184,8 +159,8 @@ def distill_model(student: nn.Module, teacher: nn.Module, batches: list[dict], s
     over non-padding tokens, pool = ``mean_pool`` of the last hidden state, h^l the hidden state
     after layer l (HF ``output_hidden_states``). Trained: the parameters of every FFF that require
     grad (leaf and master weights; ``carve``'s fixed gate does not), except the routing
-    hyperplanes, which stay frozen: every step runs the inference function (hard routing) through
-    ``routed_forward``. The rest of ``student`` (attention, LayerNorms, embeddings) stays frozen.
+    hyperplanes, which stay frozen: every step runs the inference function (eval-mode hard
+    routing, differentiable in the leaves). The rest of ``student`` (attention, LayerNorms, embeddings) stays frozen.
     Adam with a cosine learning-rate decay, one batch per step (cycling through ``batches`` in a
     seeded random order).
     ``val_batches`` (calibration batches not in ``batches``): the loss on them is measured before
@@ -197,11 +172,10 @@ def distill_model(student: nn.Module, teacher: nn.Module, batches: list[dict], s
     steps = check_int("steps", steps, 1)
     if not batches:
         raise ValueError("distill_model needs at least one batch")
-    swapped = _swap_fffs(student, _Routed)
-    if not swapped:
+    fffs = [m for m in student.modules() if isinstance(m, FFF)]
+    if not fffs:
         raise ValueError(f"no fastff.FFF layer found in {type(student).__name__}")
-    params = [p for _, _, f in swapped for n, p in f.named_parameters()
-              if p.requires_grad and n not in ("node_w", "node_b")]
+    params = [p for f in fffs for n, p in f.named_parameters() if p.requires_grad and n not in ("node_w", "node_b")]
     frozen = [(p, p.requires_grad) for p in student.parameters()]
     for p, _ in frozen:
         p.requires_grad_(False)
@@ -241,8 +215,6 @@ def distill_model(student: nn.Module, teacher: nn.Module, batches: list[dict], s
                 for p, best in zip(params, val.pop("state")):
                     p.copy_(best)
     finally:
-        for parent, attr, original in swapped:
-            setattr(parent, attr, original)
         for p, req in frozen:
             p.requires_grad_(req)
         student.train(was_training)

@@ -1,4 +1,4 @@
-"""Localised optimisation (DESIGN 1a): ``LocalSGD`` and ``LocalAdam``.
+"""Localised optimisation against leaf starvation in deep trees: ``LocalSGD`` and ``LocalAdam``.
 
 A deep tree starves its leaves of data: with a batch of B rows a leaf of a depth-d FFF sees
 about B / 2**d of them, so its gradient is a noisy estimate from very few rows ("shrinking
@@ -30,7 +30,7 @@ from numba import njit, prange
 from torch import nn
 
 from .._checks import check_fraction
-from ..kernels._threads import follow_torch_threads
+from ..threads import follow_torch_threads
 from ..layers import FFF, NeuronTree
 
 _BLOCKS = {FFF: (("leaf_usage", ("w1", "b1", "w2", "b2")), ("node_usage", ("node_w", "node_b"))),

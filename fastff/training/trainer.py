@@ -13,7 +13,6 @@ The default recipe is the FFF paper's (plain SGD lr 0.2, batch 256, h = 3 from t
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import math
 import time
@@ -25,20 +24,21 @@ from torch import nn
 
 from .._checks import check_choice, check_fraction, check_int
 from ..data import Dataset, Split
-from ..functional import bernoulli_entropy, hard_leaf_index
-from ..layers import FFF, DenseFF, MoE, NeuronTree
+from ..functional import bernoulli_entropy, hard_path
+from ..io import load, save
+from ..layers import FFF, FFN_KINDS, DenseFF, MoE, NeuronTree, make_ffn
+from ..layers.fff import TRAIN_MODES
+from ..models.vit import TinyViT
 from .losses import HARDENING_MODES, hardening_loss, load_balancing_loss
+from .optim import LocalAdam, LocalSGD
 
-MODELS = ("ff", "fff", "neuron-tree", "moe")
+MODELS = (*FFN_KINDS, "ff")             # "ff": the name earlier runs used for "dense"
 ARCHS = ("mlp", "vit")
 MASTER_LEAF = ("none", "scalar", "token")
 SELECT = ("val",)  # model selection split; selecting on test is deliberately impossible
-OPTIMIZERS = ("sgd", "adam", "adamw")
+OPTIMIZERS = ("sgd", "adam", "adamw", "local-sgd", "local-adam")
 SCHEDULES = ("none", "cosine", "step")   # learning-rate decay over the run (after any warm-up)
 STEP_MILESTONES = (0.5, 0.75)           # "step": lr x0.1 after these fractions of the decay steps
-# FFF training modes: "soft" always; "hard_path" only if this FFF version accepts ``train_mode``
-# (checked once at import so the CLI offers exactly what the layer supports).
-FFF_TRAIN_MODES = ("soft", "hard_path") if "train_mode" in inspect.signature(FFF).parameters else ("soft",)
 
 
 @dataclass
@@ -53,7 +53,7 @@ class TrainConfig:
     region_leak: float = 0.0
     balance: float = 0.0        # alpha of the load-balancing loss (0 = off)
     master_leaf: str = "none"
-    train_mode: str = "soft"
+    train_mode: str = "soft"   # FFF: "soft" or "hard_path"
     activation: str = "relu"
     top_k: int = 1              # MoE experts per row
     trees: int = 1              # NeuronTree parallel trees
@@ -68,6 +68,7 @@ class TrainConfig:
     momentum: float = 0.0       # SGD only
     optimizer: str = "sgd"
     weight_decay: float = 0.0   # L2 (sgd, adam) or decoupled (adamw)
+    local_batch_size: float = 64.0  # local-sgd / local-adam: rows a leaf / node / neuron sees per step
     schedule: str = "none"
     warmup: int = 0             # epochs of linear learning-rate warm-up
     hardening_warmup: int = 0   # epochs over which h ramps linearly from 0 to `hardening`
@@ -89,7 +90,7 @@ class TrainConfig:
         check_choice("select", self.select, SELECT)
         check_choice("hardening_mode", self.hardening_mode, HARDENING_MODES)
         check_choice("master_leaf", self.master_leaf, MASTER_LEAF)
-        check_choice("train_mode", self.train_mode, FFF_TRAIN_MODES)
+        check_choice("train_mode", self.train_mode, TRAIN_MODES)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("schedule", self.schedule, SCHEDULES)
         for name in ("width", "leaf", "top_k", "trees", "epochs", "batch_size", "vit_dim", "vit_layers",
@@ -99,13 +100,17 @@ class TrainConfig:
         check_int("warmup", self.warmup, 0, self.epochs - 1)
         check_int("hardening_warmup", self.hardening_warmup, 0, self.epochs)
         check_fraction("region_leak", self.region_leak, 0.5)
-        for name in ("hardening", "balance", "lr", "momentum", "weight_decay"):
+        for name in ("hardening", "balance", "lr", "momentum", "weight_decay", "local_batch_size"):
             check_fraction(name, getattr(self, name), high=float("inf"))
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.momentum and self.optimizer != "sgd":
             raise ValueError(f"momentum applies to optimizer 'sgd' only, got momentum={self.momentum} "
                              f"with optimizer {self.optimizer!r}")
+        if self.weight_decay and self.optimizer.startswith("local"):
+            raise ValueError(f"weight_decay is not supported by optimizer {self.optimizer!r}")
+        if self.local_batch_size <= 0:
+            raise ValueError(f"local_batch_size must be > 0, got {self.local_batch_size}")
         if self.model in ("fff", "moe"):
             ratio = self.width // self.leaf
             if self.width % self.leaf or ratio & (ratio - 1):
@@ -118,26 +123,21 @@ class TrainConfig:
         return self
 
 
-def make_ffn(cfg: TrainConfig, in_features: int, out_features: int) -> nn.Module:
-    """The layer under test, sized by the training width ``cfg.width``.
-
-    ff: dense hidden = width; fff: depth = log2(width/leaf), leaves of ``leaf`` neurons;
-    moe: width/leaf experts of ``leaf`` neurons, top-k routing; neuron-tree: ``trees`` trees
-    of the largest depth D with trees * (2**(D+1) - 1) <= width.
-    """
-    if cfg.model == "ff":
-        return DenseFF(in_features, out_features, cfg.width, cfg.activation)
-    if cfg.model == "fff":
-        opts = dict(region_leak=cfg.region_leak,
-                    master_leaf=None if cfg.master_leaf == "none" else cfg.master_leaf)
-        if "train_mode" in inspect.signature(FFF).parameters:
-            opts["train_mode"] = cfg.train_mode
-        depth = int(math.log2(cfg.width // cfg.leaf))
-        return FFF(in_features, out_features, depth, cfg.leaf, cfg.activation, **opts)
-    if cfg.model == "moe":
-        return MoE(in_features, out_features, cfg.width // cfg.leaf, cfg.leaf, cfg.top_k, cfg.activation)
-    depth = int(math.floor(math.log2(cfg.width / cfg.trees + 1))) - 1
-    return NeuronTree(in_features, out_features, depth, cfg.trees, cfg.activation)
+def ffn_layer(cfg: TrainConfig, in_features: int, out_features: int) -> nn.Module:
+    """The layer under test, built by ``fastff.layers.make_ffn`` at training width ``cfg.width``
+    (FFF / MoE leaves of ``cfg.leaf``, ``cfg.trees`` neuron trees). The local optimisers need
+    usage counters: FFF layers then count ``"soft"`` usage, neuron trees ``"hard"``."""
+    kind = "dense" if cfg.model == "ff" else cfg.model
+    local = cfg.optimizer.startswith("local")
+    options = {}
+    if kind == "fff":
+        options = dict(region_leak=cfg.region_leak, train_mode=cfg.train_mode,
+                       master_leaf=None if cfg.master_leaf == "none" else cfg.master_leaf,
+                       usage="soft" if local else None)
+    elif kind == "neuron-tree" and local:
+        options = dict(usage="hard")
+    return make_ffn(kind, in_features, out_features, cfg.width, leaf=cfg.leaf, trees=cfg.trees, top_k=cfg.top_k,
+                    activation=cfg.activation, **options)
 
 
 class FlatClassifier(nn.Module):
@@ -146,7 +146,7 @@ class FlatClassifier(nn.Module):
 
     def __init__(self, cfg: TrainConfig):
         super().__init__()
-        self.layer = make_ffn(cfg, cfg.n_features, cfg.n_classes)
+        self.layer = ffn_layer(cfg, cfg.n_features, cfg.n_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer(x)
@@ -155,8 +155,8 @@ class FlatClassifier(nn.Module):
 def build_model(cfg: TrainConfig) -> nn.Module:
     """A fresh model for ``cfg`` (random init from the current torch RNG)."""
     if cfg.arch == "vit":
-        from ..experiments.vit import TinyViT
-        return TinyViT(cfg)
+        return TinyViT(cfg.image_shape, cfg.n_classes, lambda i, o: ffn_layer(cfg, i, o), patch=cfg.patch,
+                       dim=cfg.vit_dim, layers=cfg.vit_layers, heads=cfg.vit_heads)
     return FlatClassifier(cfg)
 
 
@@ -189,7 +189,7 @@ def evaluate(model: nn.Module, split: Split, batch_size: int = 4096, stats: bool
         def fn(module, inputs):
             x = inputs[0].reshape(-1, module.in_features)
             if isinstance(module, FFF):
-                leaf = hard_leaf_index(x, module.node_w, module.node_b, module.depth)
+                leaf = hard_path(x, module.node_w, module.node_b, module.depth).leaf
                 if module.depth:
                     logits = x @ module.node_w.T + module.node_b
                     entropy[i][0] += bernoulli_entropy(logits).mean(1).sum().item()
@@ -232,7 +232,12 @@ def aux_loss(model: nn.Module, cfg: TrainConfig, hardening: float) -> torch.Tens
 
 
 def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD (with ``momentum``), Adam or AdamW at ``cfg.lr`` with ``cfg.weight_decay``."""
+    """SGD (with ``momentum``), Adam or AdamW at ``cfg.lr`` with ``cfg.weight_decay``, or the
+    localised ``LocalSGD`` / ``LocalAdam`` with ``cfg.local_batch_size``."""
+    if cfg.optimizer == "local-sgd":
+        return LocalSGD(model, lr=cfg.lr, local_batch_size=cfg.local_batch_size)
+    if cfg.optimizer == "local-adam":
+        return LocalAdam(model, lr=cfg.lr, local_batch_size=cfg.local_batch_size)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     kind = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
@@ -338,12 +343,10 @@ def fit(cfg: TrainConfig, data: Dataset, progress: bool = True) -> tuple[nn.Modu
 
 
 def save_run(out: str | Path, model: nn.Module, result: RunResult) -> Path:
-    """Write model.safetensors, config.json and metrics.json into ``out`` (created)."""
-    from safetensors.torch import save_file
-
+    """Write model.safetensors (``fastff.save``), config.json and metrics.json into ``out`` (created)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+    save(model, out / "model.safetensors")
     (out / "config.json").write_text(json.dumps(result.config, indent=1))
     sel = result.epochs[result.best_epoch - 1] if result.best_epoch else {}
     metrics = {"epochs": result.epochs, "best_epoch": result.best_epoch,
@@ -356,12 +359,8 @@ def save_run(out: str | Path, model: nn.Module, result: RunResult) -> Path:
 
 
 def load_run(run_dir: str | Path) -> tuple[nn.Module, TrainConfig]:
-    """Rebuild the model of a run directory from config.json and load its safetensors weights
-    (eval mode). Inputs must be standardised with the config's ``mean`` / ``std``."""
-    from safetensors.torch import load_file
-
+    """Rebuild the model of a run directory from config.json and load its weights with
+    ``fastff.load`` (eval mode). Inputs must be standardised with the config's ``mean`` / ``std``."""
     run_dir = Path(run_dir)
     cfg = TrainConfig(**json.loads((run_dir / "config.json").read_text()))
-    model = build_model(cfg)
-    model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
-    return model.eval(), cfg
+    return load(run_dir / "model.safetensors", model=build_model(cfg)).eval(), cfg

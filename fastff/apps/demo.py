@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import time
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 import fastff
+from .timing import median_times
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -81,14 +81,9 @@ def train(model: nn.Module, splits, epochs: int, seed: int, bar: tqdm) -> nn.Mod
 def time_eval(layers: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> dict[str, float]:
     """Median eval time (ms) per batch of every layer, measured interleaved in one process."""
     for layer in layers.values():
-        layer.eval()(x)  # warm-up (and kernel compilation)
-    samples = {name: [] for name in layers}
-    for _ in range(repeats):
-        for name, layer in layers.items():
-            t0 = time.perf_counter()
-            layer(x)
-            samples[name].append(time.perf_counter() - t0)
-    return {name: 1e3 * sorted(s)[len(s) // 2] for name, s in samples.items()}
+        layer.eval()
+    times = median_times({name: (lambda m=m: m(x)) for name, m in layers.items()}, repeats, warmup=1)
+    return {name: 1e3 * t for name, t in times.items()}
 
 
 def run(args) -> int:

@@ -3,15 +3,17 @@ from __future__ import annotations
 
 import argparse
 
-from .trainer import ARCHS, FFF_TRAIN_MODES, MASTER_LEAF, MODELS, OPTIMIZERS, SCHEDULES, SELECT, TrainConfig
-from ..kernels._threads import set_threads
+from ..layers.fff import TRAIN_MODES
+from ..threads import set_threads
+from ..training.trainer import ARCHS, MASTER_LEAF, MODELS, OPTIMIZERS, SCHEDULES, SELECT, TrainConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = TrainConfig(data="")
     p.add_argument("--data", required=True,
                    help="fashion-mnist | mnist5k | digits | path to an IDX directory, .npz or .csv file")
-    p.add_argument("--model", choices=MODELS, default=d.model)
+    p.add_argument("--model", choices=MODELS, default=d.model,
+                   help="the layer: dense | fff | neuron-tree | moe ('ff' = dense, the name of earlier runs)")
     p.add_argument("--arch", choices=ARCHS, default=d.arch,
                    help="mlp: the layer maps pixels to classes (FFF paper Table 1); vit: a small ViT whose "
                         "feedforwards are the layer")
@@ -25,8 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--region-leak", type=float, default=d.region_leak)
     p.add_argument("--balance", type=float, default=d.balance, help="load-balancing alpha (0 = off)")
     p.add_argument("--master-leaf", choices=MASTER_LEAF, default=d.master_leaf)
-    p.add_argument("--train-mode", choices=FFF_TRAIN_MODES, default=d.train_mode,
-                   help="FFF training forward (hard_path is offered when the installed FFF supports it)")
+    p.add_argument("--train-mode", choices=TRAIN_MODES, default=d.train_mode,
+                   help="FFF training forward: soft (mixture over all leaves) or hard_path (one leaf per row)")
     p.add_argument("--activation", default=d.activation)
     p.add_argument("--top-k", type=int, default=d.top_k, help="MoE experts per row")
     p.add_argument("--trees", type=int, default=d.trees, help="NeuronTree parallel trees")
@@ -36,7 +38,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patch", type=int, default=d.patch)
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
+                   help="local-sgd / local-adam: localised optimisation (each leaf, node or neuron steps once "
+                        "its usage reaches --local-batch-size rows)")
+    p.add_argument("--local-batch-size", type=float, default=d.local_batch_size,
+                   help="local-sgd / local-adam: rows a block must see before it steps")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
     p.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay,
@@ -63,10 +69,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from ..data import load_dataset
-    from .trainer import fit, save_run
+    from ..training.trainer import fit, save_run
 
     if args.threads:
         set_threads(args.threads)

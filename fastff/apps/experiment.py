@@ -9,7 +9,7 @@ sizes are the flags shown):
 - table1:   FashionMNIST 10 epochs, MNIST-5k 40 epochs, w in {16,32,64,128}, leaf in {1,2,4,8},
             FF and FFF, 3 seeds   (paper-like: --epochs-fashion 100 --epochs-mnist 200 --seeds 10)
 - ablation: FashionMNIST w=128 l=8, 10 epochs, 3 seeds, FFF / +balance / +master (scalar, token)
-            / +balance+master / +region leak / +all (/ hard_path when FFF supports it)
+            / +balance+master / +region leak / +all / hard_path / +all+hard_path
 - moe:      FashionMNIST w=128, 10 epochs, 3 seeds: FF, MoE (expert 16, k=1 and k=2), FFF l=16
             (FFF l=8 at the same width is the ablation's plain "fff" row)
 - vit:      FashionMNIST 5k training rows, 3 epochs, 3 seeds, ViT patch 7, dim 64, 2 layers,
@@ -24,13 +24,18 @@ sizes are the flags shown):
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from pathlib import Path
 
-from ..data import BUILTIN
-from ..training.trainer import FFF_TRAIN_MODES, TrainConfig
-from ..kernels._threads import set_threads
+import torch
+
+from ..data import BUILTIN, Dataset
+from ..models.vit import TinyViT
+from ..threads import set_threads
+from ..training.trainer import TrainConfig
+from .timing import median_times
 
 EXPERIMENTS = ("table1", "ablation", "moe", "vit", "recipe")
 # The `recipe` grid's training recipe (the other grids keep the FFF paper's: SGD 0.2 without
@@ -39,9 +44,8 @@ RECIPE = dict(schedule="cosine", hardening_warmup=10, epochs=50)
 RECIPE_VARIANTS = {"fff": {}, "balance": dict(balance=0.1), "master-scalar": dict(master_leaf="scalar"),
                    "master-token": dict(master_leaf="token"), "reach": dict(hardening_mode="reach"),
                    "region-leak": dict(region_leak=0.1),
-                   "reach+master-token+balance": dict(hardening_mode="reach", master_leaf="token", balance=0.1)}
-if "hard_path" in FFF_TRAIN_MODES:
-    RECIPE_VARIANTS["hard-path"] = dict(train_mode="hard_path")
+                   "reach+master-token+balance": dict(hardening_mode="reach", master_leaf="token", balance=0.1),
+                   "hard-path": dict(train_mode="hard_path")}
 # FF's best recipe on validation (better than RECIPE for FF, worse for FFF)
 FF_RECIPE = dict(schedule="cosine", epochs=50, lr=0.05, momentum=0.9, weight_decay=5e-4)
 
@@ -90,11 +94,9 @@ def grid(args: argparse.Namespace) -> list[tuple[str, TrainConfig]]:
                     "master-token": dict(master_leaf="token"),
                     "balance+master-token": dict(balance=1.0, master_leaf="token"),
                     "region-leak": dict(region_leak=0.1),
-                    "all": dict(balance=1.0, master_leaf="token", region_leak=0.1)}
-        if "hard_path" in FFF_TRAIN_MODES:
-            variants["hard-path"] = dict(train_mode="hard_path")
-            variants["all+hard-path"] = dict(balance=1.0, master_leaf="token", region_leak=0.1,
-                                             train_mode="hard_path")
+                    "all": dict(balance=1.0, master_leaf="token", region_leak=0.1),
+                    "hard-path": dict(train_mode="hard_path"),
+                    "all+hard-path": dict(balance=1.0, master_leaf="token", region_leak=0.1, train_mode="hard_path")}
         runs = [(f"ablation_{k}", base | v) for k, v in variants.items()]
     elif args.name == "moe":
         base = dict(data="fashion-mnist", width=128, epochs=args.epochs or 10)
@@ -122,12 +124,36 @@ def grid(args: argparse.Namespace) -> list[tuple[str, TrainConfig]]:
             for name, cfg in runs for seed in range(args.first_seed, args.first_seed + args.seeds)]
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
+@torch.no_grad()
+def ffn_seconds_per_token(model: TinyViT, x: torch.Tensor, repeats: int = 5) -> tuple[float, int]:
+    """Eval-mode wall time of the first block's FFN alone, per token (median of ``repeats``), on
+    the real FFN inputs that the images ``x`` (B, H*W) produce. Returns (seconds per token, tokens)."""
+    model.eval()
+    block = model.blocks[0]
+    seen = []
+    handle = block.ffn.register_forward_pre_hook(lambda m, inp: seen.append(inp[0]))
+    try:
+        model(x)
+    finally:
+        handle.remove()
+    tokens = seen[0].reshape(-1, seen[0].shape[-1]).contiguous()
+    seconds = median_times({"ffn": lambda: block.ffn(tokens)}, repeats, warmup=1)["ffn"]
+    return seconds / len(tokens), len(tokens)
 
+
+def save_ffn_timing(out: Path, model: TinyViT, data: Dataset, rows: int = 1000) -> None:
+    """Write ``timing.json`` (FFN time per token) for a trained ViT run, timed on validation
+    images so the test split stays untouched."""
+    seconds, tokens = ffn_seconds_per_token(model, data.val.x[:rows])
+    (Path(out) / "timing.json").write_text(json.dumps(
+        {"ffn_seconds_per_token": seconds, "tokens": tokens, "threads": torch.get_num_threads(),
+         "ffn_neurons_per_inference": model.blocks[0].ffn.neurons_per_inference}, indent=1))
+
+
+def run(args: argparse.Namespace) -> int:
     from ..data import load_dataset
-    from ..report import write_report
     from ..training.trainer import fit, save_run
+    from .report import write_report
 
     set_threads(args.threads)
     root = Path(args.runs) / args.name
@@ -147,7 +173,6 @@ def run(args: argparse.Namespace) -> int:
         model, result = fit(cfg, cache[key], progress=not args.quiet)
         save_run(out, model, result)
         if cfg.arch == "vit":
-            from .vit import save_ffn_timing
             save_ffn_timing(out, model, cache[key])
         print(f"[{i}/{len(todo)}] {name}: GA {result.test['acc']:.2f}  MA {result.train_acc:.2f}  "
               f"({result.training_seconds:.0f}s)", flush=True)

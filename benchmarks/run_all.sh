@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The runs behind docs/kernels.md (issue 3). Outputs: benchmarks/results/*.txt, docs/bench_depth.png.
-# Usage: bash benchmarks/issue3.sh   (from the repo root; ~15-20 min on a 2-core machine)
+# The runs behind docs/kernels.md. Outputs: benchmarks/results/*.txt, docs/bench_depth.png.
+# Usage: bash benchmarks/run_all.sh   (from the repo root; ~15-20 min on a 2-core machine)
 set -euo pipefail
 B=.venv/bin/fastff
 R=benchmarks/results

@@ -26,18 +26,17 @@ import csv
 import io
 import json
 import os
-import random
-import statistics
 import sys
-import time
 from dataclasses import dataclass
 
 import torch
 
-from . import kernels
-from ._checks import check_choice, check_int
-from .kernels._threads import set_threads
-from .layers import FFF, MoE, DenseFF, NeuronTree
+from .. import kernels
+from .._checks import check_choice, check_int
+from ..functional import activation_code
+from ..layers import FFF, MoE, DenseFF, NeuronTree
+from ..threads import set_threads
+from .timing import best_time, median_times
 
 LAYERS = ("neuron-tree", "fff")
 MOE_EXPERTS = 16
@@ -101,7 +100,7 @@ def machine_limits(seconds: float = 1.0) -> dict:
     dst = torch.empty_like(src)
     a, b = torch.rand(2048, 2048), torch.rand(2048, 2048)
     out = torch.empty(2048, 2048)
-    copy_t, gemm_t = _best(lambda: dst.copy_(src), seconds / 2), _best(lambda: torch.mm(a, b, out=out), seconds / 2)
+    copy_t, gemm_t = best_time(lambda: dst.copy_(src), seconds / 2), best_time(lambda: torch.mm(a, b, out=out), seconds / 2)
     return {"copy_gb_s": 2 * src.numel() * 4 / copy_t / 1e9, "gemm_gflop_s": 2 * 2048 ** 3 / gemm_t / 1e9}
 
 
@@ -112,17 +111,6 @@ def add_limits(rows: list[dict], limits: dict | None) -> list[dict]:
             ok = limits is not None and r.get(achieved) is not None
             r[field] = 100 * r[achieved] / limits[limit] if ok else None
     return rows
-
-
-def _best(fn, seconds: float) -> float:
-    fn()
-    best, end = float("inf"), time.perf_counter() + seconds
-    while True:
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-        if time.perf_counter() > end:
-            return best
 
 
 def candidates(spec: Spec, include: set[str]) -> dict:
@@ -141,7 +129,7 @@ def candidates(spec: Spec, include: set[str]) -> dict:
         out["cpu-kernel"] = lambda x: kernel(x, *w, spec.activation)
     if "cpu-numba" in include:
         _, run, w = _cpu_functions_and_weights(spec)
-        out["cpu-numba"] = _numba_call(run, kernels.cpu.weights_np(*w), kernels.cpu.ACT_CODES[spec.activation],
+        out["cpu-numba"] = _numba_call(run, kernels.cpu.weights_np(*w), activation_code(spec.activation),
                                        spec.dim)
     for k in (1, 2):
         if f"moe-top{k}" in include:
@@ -151,12 +139,13 @@ def candidates(spec: Spec, include: set[str]) -> dict:
 
 
 def _cpu_functions_and_weights(spec: Spec):
-    """(backend function and numba-part function of ``kernels.cpu``, weight tensors of a freshly
-    built layer)."""
+    """(backend function and numba-part function ``run(xa, weights, code, out)`` of
+    ``kernels.cpu``, weight tensors of a freshly built layer)."""
     layer = spec.build("cpu")
     cpu = kernels.cpu
     if spec.layer == "fff":
-        return cpu.fff_hard, cpu.fff_run, (layer.node_w, layer.node_b, layer.w1, layer.b1, layer.w2, layer.b2)
+        run = lambda xa, weights, code, out: cpu.fff_run(xa, weights, code, False, out)
+        return cpu.fff_hard, run, (layer.node_w, layer.node_b, layer.w1, layer.b1, layer.w2, layer.b2)
     return cpu.neuron_tree, cpu.neuron_tree_run, (layer.w_in, layer.b_in, layer.w_out, layer.b_out)
 
 
@@ -172,37 +161,6 @@ def _numba_call(run, weights, code: int, out_features: int):
         run(xa, weights, code, out)
         return out
     return call
-
-
-def time_interleaved(fns: dict, x: torch.Tensor, repeats: dict, warmup: int, progress=None,
-                     rewarm: bool = True) -> dict:
-    """Median seconds per call of each fn(x), timed ``repeats[name]`` times; every round runs
-    each candidate that still needs repeats, in a new (seeded) random order: what runs right
-    after a torch candidate pays for its cache evictions and its OpenMP workers still spinning,
-    so a fixed order would favour some candidates. With ``rewarm``, each timed call directly follows an
-    untimed call of the same candidate, so it runs with its own weights in cache (steady state)
-    rather than after another candidate has streamed its weights through them."""
-    times = {name: [] for name in fns}
-    rounds = max(repeats.values())
-    with torch.inference_mode():
-        for _ in range(warmup):
-            for fn in fns.values():
-                fn(x)
-        names, shuffle = list(fns), random.Random(0).shuffle
-        for r in range(rounds):
-            shuffle(names)                          # no candidate always runs after the same one
-            for name in names:
-                fn = fns[name]
-                if r >= repeats[name]:
-                    continue
-                if rewarm:
-                    fn(x)
-                t = time.perf_counter()
-                fn(x)
-                times[name].append(time.perf_counter() - t)
-            if progress:
-                progress(r + 1, rounds)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 REWARM_MAX_BATCH = 1024  # above this a call is long enough that its cache state on entry is noise
@@ -235,7 +193,9 @@ def bench_rows(spec: Spec, batches: list[int], repeats: int = 20, warmup: int = 
         if log:
             log(f"batch {batch}: timing {', '.join(active)} x{max(reps.values())}")
             report = lambda r, n: log(f"  batch {batch}: round {r}/{n}") if r % max(1, n // 4) == 0 else None
-        med = time_interleaved(active, x, reps, warmup, report, rewarm=batch <= REWARM_MAX_BATCH)
+        with torch.inference_mode():
+            med = median_times({k: (lambda f=f: f(x)) for k, f in active.items()}, reps, warmup,
+                               rewarm=batch <= REWARM_MAX_BATCH, progress=report)
         for name, sec in med.items():
             if name == "dense":
                 moved, flops = dense_weight_bytes + batch * dense_bytes_row, batch * dense_flops_row
@@ -339,8 +299,8 @@ def add_arguments(p) -> None:
     p.add_argument("--plot", metavar="PNG", help="also sweep depth 1..15 and plot ms vs training width")
     p.add_argument("--plot-depths", default="1-15", help="depth range for --plot, e.g. 1-15")
     p.add_argument("--plot-batch", type=int, default=64, help="batch size for --plot")
-    p.add_argument("--train", action="store_true", help="also run fastff.training.train_bench rows")
-    p.add_argument("--onnx", action="store_true", help="also run fastff.export.onnx_bench_rows")
+    p.add_argument("--train", action="store_true", help="also run the `fastff train-bench` rows")
+    p.add_argument("--onnx", action="store_true", help="also time the layer's ONNX graph under onnxruntime")
     p.add_argument("--quick", action="store_true", help="passed to the --train rows")
 
 
@@ -358,11 +318,11 @@ def run(args) -> int:
     rows = bench_rows(spec, batches, check_int("--repeats", args.repeats, 1), check_int("--warmup", args.warmup, 0),
                       reference_max_batch=args.reference_max_batch, log=log)
     if args.train:
-        from .training.train_bench import train_step_rows
+        from .train_bench import train_step_rows
         for batch in batches:
             rows += train_step_rows(spec.dim, batch, args.quick)
     if args.onnx:
-        from .export import onnx_bench_rows
+        from .onnx_bench import onnx_bench_rows
         rows += onnx_bench_rows(spec.build(), batches)
     sweep = []
     if args.plot:

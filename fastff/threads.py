@@ -1,4 +1,4 @@
-"""Thread budget of the numba kernels, shared by the inference and training kernels.
+"""Thread budget: torch and the numba kernels on one thread count (``set_threads``), kept in step.
 
 numba's ``omp`` threading layer shares libgomp with PyTorch, so a numba parallel launch would
 reset the OpenMP thread count that ``torch.get_num_threads()`` reports (and a numba kernel

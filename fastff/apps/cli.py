@@ -1,4 +1,4 @@
-"""`fastff <command>`: each command lives in its own module exposing
+"""`fastff <command>`: each command lives in its own module of ``fastff.apps`` exposing
 ``add_arguments(parser)`` and ``run(args) -> int | None``; modules are imported lazily."""
 from __future__ import annotations
 
@@ -7,12 +7,13 @@ import importlib
 import sys
 
 COMMANDS = {
-    "bench": ("fastff.bench", "time FFF / NeuronTree inference against dense and MoE baselines"),
-    "demo": ("fastff.experiments.demo", "train Dense / FFF / NeuronTree on digits and print a comparison"),
-    "convert-minilm": ("fastff.models.minilm", "carve + distil FFF feedforwards into all-MiniLM-L6-v2; quality and speed report"),
-    "train": ("fastff.training.cli_train", "train one FF / FFF / NeuronTree / MoE model (selected on validation)"),
-    "report": ("fastff.report", "markdown tables and PNG plots from run directories"),
-    "experiment": ("fastff.experiments.cli", "run a whole experiment grid (table1, ablation, moe, vit, recipe) and its report"),
+    "demo": ("fastff.apps.demo", "train Dense / FFF / NeuronTree on digits and print a comparison"),
+    "train": ("fastff.apps.train", "train one FF / FFF / NeuronTree / MoE model (selected on validation)"),
+    "experiment": ("fastff.apps.experiment", "run a whole experiment grid (table1, ablation, moe, vit, recipe) and its report"),
+    "report": ("fastff.apps.report", "markdown tables and PNG plots from run directories"),
+    "bench": ("fastff.apps.bench", "time FFF / NeuronTree inference against dense and MoE baselines"),
+    "train-bench": ("fastff.apps.train_bench", "time training steps (forward + backward + optimiser) against dense"),
+    "convert-minilm": ("fastff.apps.convert_minilm", "carve + distil FFF feedforwards into all-MiniLM-L6-v2; quality and speed report"),
 }
 
 

@@ -1,7 +1,7 @@
-"""Training-step benchmark: forward + backward + optimizer step of one layer, dense vs conditional.
+"""`fastff train-bench`: forward + backward + optimizer step of one layer, dense vs conditional.
 
-``train_step_rows`` times, in one process and interleaved (one step of every layer per round,
-after warm-up rounds; the median over rounds is reported), a step of
+``train_step_rows`` times, in one process and interleaved (``timing.median_times``: one step of
+every layer per round, after two warm-up rounds), a step of
 ``loss = mse(layer(x), target); loss.backward(); opt.step(); opt.zero_grad()`` (optimizer
 ``"adam"`` — fused Adam —, ``"sgd"`` or ``"local_adam"``; the same for every layer) for:
 
@@ -10,20 +10,18 @@ after warm-up rounds; the median over rounds is reported), a step of
 - ``FFF`` depth 8 leaf 16 (width 4096) soft (``"train-soft"``) and hard_path
   (``"train-hard_path"``), vs DenseFF 4096.
 
-Run it directly: ``python -m fastff.training.train_bench [--dim 768 --batch 4096 --rounds 7
---optimizer adam]``; ``--optimizers`` times only the optimiser step (``optimizer_step_rows``).
+``fastff train-bench [--dim 768 --batch 4096 --rounds 7 --optimizer adam]``; ``--optimizers``
+times only the optimiser step (``optimizer_step_rows``).
 """
 from __future__ import annotations
-
-import argparse
-import statistics
-import time
 
 import torch
 
 from .._checks import check_choice, check_int
 from ..layers import FFF, DenseFF, NeuronTree
-from .optim import LocalAdam, LocalSGD
+from ..threads import set_threads
+from ..training.optim import LocalAdam, LocalSGD
+from .timing import median_times
 
 OPTIMIZERS = ("adam", "sgd", "local_adam")
 
@@ -68,21 +66,15 @@ def train_step_rows(dim: int = 768, batch: int = 4096, quick: bool = False, roun
         layer = make().train()
         runs.append((name, depth, backend, width, layer, _make_optimizer(optimizer, layer)))
 
-    def step(layer, opt) -> float:
-        t0 = time.perf_counter()
+    def step(layer, opt) -> None:
         loss = torch.nn.functional.mse_loss(layer(x), target)
         loss.backward()
         opt.step()
         opt.zero_grad()
-        return time.perf_counter() - t0
 
-    times = [[] for _ in runs]
-    for r in range(rounds + 2):                         # two warm-up rounds (numba compile, allocator)
-        for t, (*_, layer, opt) in zip(times, runs):
-            elapsed = step(layer, opt)
-            if r >= 2:
-                t.append(elapsed)
-    ms = [1e3 * statistics.median(t) for t in times]
+    # two warm-up rounds (numba compile, allocator)
+    times = median_times({i: (lambda r=r: step(r[4], r[5])) for i, r in enumerate(runs)}, rounds, warmup=2)
+    ms = [1e3 * times[i] for i in range(len(runs))]
     dense = {width: m for (name, _, backend, width, *_), m in zip(runs, ms) if backend == "train-dense"}
     return [{"layer": name, "batch": batch, "depth": depth, "backend": backend, "ms": round(m, 2),
              "speedup_vs_dense": round(dense[width] / m, 2)}
@@ -103,44 +95,48 @@ def optimizer_step_rows(dim: int = 768, batch: int = 4096, rounds: int = 5, seed
         "LocalAdam lbs=64": ("hard", lambda m: LocalAdam(m, lr=1e-4, local_batch_size=64)),
         "LocalAdam lbs=1024": ("hard", lambda m: LocalAdam(m, lr=1e-4, local_batch_size=1024)),
     }
-    runs = []
+    layers, opts = {}, {}
     for name, (usage, make) in makers.items():
-        layer = NeuronTree(dim, dim, 11, 1, usage=usage).train()
-        runs.append((name, layer, make(layer), []))
-    touched = 0
-    for r in range(rounds + 2):
-        for name, layer, opt, times in runs:
-            torch.nn.functional.mse_loss(layer(x), target).backward()
-            touched = int((layer.w_in.grad[0].abs().sum(1) > 0).sum())
-            t0 = time.perf_counter()
-            opt.step()
-            opt.zero_grad()
-            if r >= 2:
-                times.append(time.perf_counter() - t0)
-    return [{"optimizer": name, "ms": round(1e3 * statistics.median(times), 2), "touched_rows": touched,
-             "neurons": layer.training_width} for name, layer, _, times in runs]
+        layers[name] = NeuronTree(dim, dim, 11, 1, usage=usage).train()
+        opts[name] = make(layers[name])
+    touched = {}
+
+    def backward(name: str) -> None:
+        layer = layers[name]
+        torch.nn.functional.mse_loss(layer(x), target).backward()
+        touched[name] = int((layer.w_in.grad[0].abs().sum(1) > 0).sum())
+
+    def step(name: str) -> None:
+        opts[name].step()
+        opts[name].zero_grad()
+
+    times = median_times({n: (lambda n=n: step(n)) for n in makers}, rounds, warmup=2,
+                         setup={n: (lambda n=n: backward(n)) for n in makers})
+    return [{"optimizer": name, "ms": round(1e3 * times[name], 2), "touched_rows": touched[name],
+             "neurons": layers[name].training_width} for name in makers]
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dim", type=int, default=768)
-    ap.add_argument("--batch", type=int, default=4096)
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--optimizers", action="store_true",
-                    help="time only the optimiser step on NeuronTree 1x11 gradients")
-    args = ap.parse_args(argv)
+def add_arguments(p) -> None:
+    p.add_argument("--dim", type=int, default=768)
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
+    p.add_argument("--threads", type=int, default=None, help="torch and numba threads (default: torch's)")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--optimizers", action="store_true",
+                   help="time only the optimiser step on NeuronTree 1x11 gradients")
+
+
+def run(args) -> int:
+    if args.threads:
+        set_threads(args.threads)
     if args.optimizers:
         for row in optimizer_step_rows(args.dim, args.batch):
             print(f"{row['optimizer']:20} {row['ms']:9.2f} ms   (rows touched by the batch: "
                   f"{row['touched_rows']} of {row['neurons']})")
-        return
+        return 0
     rows = train_step_rows(args.dim, args.batch, args.quick, args.rounds, args.optimizer)
     print(f"{'layer':18} {'backend':18} {'batch':>6} {'ms':>10} {'vs dense':>9}")
     for row in rows:
         print(f"{row['layer']:18} {row['backend']:18} {row['batch']:>6} {row['ms']:>10.2f} {row['speedup_vs_dense']:>8.2f}x")
-
-
-if __name__ == "__main__":
-    main()
+    return 0

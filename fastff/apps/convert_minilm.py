@@ -1,0 +1,308 @@
+"""`fastff convert-minilm`: carve FFF feedforwards into the pretrained all-MiniLM-L6-v2 sentence
+encoder, distil them, and measure embedding quality and CPU speed against the dense model.
+
+Model and pipeline: ``fastff.models.minilm``. Text: ``fastff.data.sentences`` (default Debian
+``fortunes``, or ``--text``), deduplicated, then split into disjoint calibration and held-out
+evaluation sets.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from .. import kernels
+from ..data.sentences import DEFAULT_TEXT, load_sentences, split_sentences
+from ..models.integrate import find_ffn
+from ..models.minilm import convert, embed, encode_batches, load_minilm
+from ..models.sequential import distill_model
+from ..threads import set_threads
+from .timing import median_times
+
+DEFAULT_CONFIGS = "1:512:512,2:256:256,3:128:128,4:64:64"
+
+
+def quality(e_dense: torch.Tensor, e_conv: torch.Tensor, queries: int, topk: int) -> dict:
+    """Cosine (mean, 5th percentile) of matching embeddings, and top-k neighbour agreement of the
+    first ``queries`` rows retrieving among all rows (self excluded)."""
+    cos = (e_dense * e_conv).sum(1)
+    nn_sets = []
+    for e in (e_dense, e_conv):
+        sim = e[:queries] @ e.T
+        sim[torch.arange(queries), torch.arange(queries)] = -float("inf")
+        nn_sets.append(sim.topk(topk, dim=1).indices)
+    agree = [len(set(a.tolist()) & set(b.tolist())) / topk for a, b in zip(*nn_sets)]
+    return {"cos_mean": cos.mean().item(), "cos_p5": torch.quantile(cos, 0.05).item(),
+            "nn_agree": sum(agree) / len(agree)}
+
+
+def bench_batch(tok, sentences: list[str], batch: int, seq_len: int) -> dict:
+    """``batch`` full-length sequences of real held-out text: [CLS] tokens... [SEP], no padding."""
+    ids = tok(" ".join(sentences), add_special_tokens=False)["input_ids"]
+    body = seq_len - 2
+    need = batch * body
+    ids = (ids * (need // max(1, len(ids)) + 1))[:need]
+    rows = [[tok.cls_token_id, *ids[i * body:(i + 1) * body], tok.sep_token_id] for i in range(batch)]
+    input_ids = torch.tensor(rows)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+
+
+@torch.inference_mode()
+def benchmark(dense, convs: dict, tok, sentences, batch_sizes, seq_len: int, repeats: int) -> dict:
+    """Median seconds per call, {batch: {variant: {"ffn": s, "encoder": s}}}; variant "dense" or a
+    key of ``convs``. FFN time = all 6 FFN blocks applied to the dense model's own block inputs."""
+    names = [n for n, _, _ in find_ffn(dense)]
+    out = {}
+    for b in batch_sizes:
+        enc = bench_batch(tok, sentences, b, seq_len)
+        x = {}
+        hooks = [dense.get_submodule(n).intermediate.register_forward_pre_hook(
+            lambda _m, a, n=n: x.__setitem__(n, a[0].reshape(-1, a[0].shape[-1]).clone())) for n in names]
+        dense(**enc)
+        for h in hooks:
+            h.remove()
+        blocks = {"dense": [(lambda t, L=dense.get_submodule(n): L.output.dense(L.intermediate(t)), x[n])
+                            for n in names]}
+        for key, m in convs.items():
+            blocks[key] = [(m.get_submodule(n).intermediate, x[n]) for n in names]
+        ffn = median_times({k: (lambda fs=fs: [f(t) for f, t in fs]) for k, fs in blocks.items()}, repeats)
+        models = {"dense": dense, **convs}
+        encoder = median_times({k: (lambda m=m: m(**enc)) for k, m in models.items()}, repeats)
+        out[b] = {k: {"ffn": ffn[k], "encoder": encoder[k]} for k in models}
+    return out
+
+
+def _parse_configs(text: str) -> list[tuple[int, int, int]]:
+    try:
+        configs = [tuple(int(v) for v in item.split(":")) for item in text.split(",") if item.strip()]
+    except ValueError as exc:
+        raise ValueError(f"--configs must be 'depth:leaf_width:master,...', got {text!r}") from exc
+    if not configs or any(len(c) != 3 for c in configs):
+        raise ValueError(f"--configs must be 'depth:leaf_width:master,...', got {text!r}")
+    return configs
+
+
+# Block conversions without some of the pipeline's parts, for the ablation columns of the report.
+ABLATIONS = {"independent": dict(sequential=False, target="local", ln_weights=False),
+             "sequential": dict(sequential=True, target="local", ln_weights=False),
+             "+ residual targets": dict(sequential=True, target="residual", ln_weights=False)}
+
+
+def evaluate_configs(calib: list[str], held: list[str], configs, carve_sentences: int = 2000, block_steps: int = 50,
+                     steps: int = 2000, lr: float = 3e-3, batch_size: int = 32, seq_len: int = 128,
+                     batch_sizes=(1, 64), repeats: int = 7, retrieval_queries: int = 200, topk: int = 10,
+                     progress: bool = True, max_carve_tokens: int = 8000, threads: int | None = None,
+                     ablation: bool = False, val_sentences: int = 320) -> dict:
+    """Convert, evaluate and benchmark every (depth, leaf_width, master) config (see ``convert``).
+
+    The blocks are carved on the first ``carve_sentences`` calibration sentences; the end-to-end
+    distillation runs ``steps`` batches of ``batch_size`` drawn from ``calib`` except its last
+    ``val_sentences`` (at most a fifth of it), on which it keeps the best weights. ``held`` is
+    only embedded for the quality measures and timed. ``ablation``: also convert the blocks the
+    ``ABLATIONS`` ways and record their held-out mean cosine (row["ablation"]). ``threads`` (if
+    given) is applied with ``torch.set_num_threads`` right before timing."""
+    tok, dense = load_minilm()
+    t0 = time.perf_counter()
+    carve_batches = encode_batches(tok, calib[:carve_sentences], 64)
+    n_val = min(val_sentences, len(calib) // 5)
+    distill_batches = encode_batches(tok, calib[:len(calib) - n_val], batch_size)
+    val_batches = encode_batches(tok, calib[len(calib) - n_val:], batch_size) if n_val else None
+    e_dense = embed(dense, tok, held)
+    queries, k = min(retrieval_queries, len(held)), min(topk, len(held) - 1)
+    rows, convs = [], {}
+
+    def blocks(depth, leaf, master, **opts):
+        return convert(dense, carve_batches, depth, leaf, master, block_steps=block_steps,
+                       max_carve_tokens=max_carve_tokens, progress=progress, **opts)
+
+    def cos_mean(model) -> float:
+        return quality(e_dense, embed(model, tok, held), queries, k)["cos_mean"]
+
+    for depth, leaf, master in configs:
+        key = f"d{depth}-l{leaf}-m{master}"
+        ablated = {name: cos_mean(blocks(depth, leaf, master, **opts)[0])
+                   for name, opts in (ABLATIONS.items() if ablation else ())}
+        t1 = time.perf_counter()
+        conv, stats = blocks(depth, leaf, master)
+        cos_blocks = cos_mean(conv)
+        best_step = None
+        if steps:
+            best_step = distill_model(conv, dense, distill_batches, steps, lr=lr, progress=progress,
+                                      val_batches=val_batches).get("best_step", steps)
+        convert_s = time.perf_counter() - t1
+        q = quality(e_dense, embed(conv, tok, held), queries, k)
+        rows.append({"key": key, "depth": depth, "leaf": leaf, "master": master,
+                     "neurons": depth + leaf + master, "convert_s": convert_s,
+                     "captured": statistics.mean(s["captured"] for s in stats),
+                     "max_share": statistics.mean(s["max_share"] for s in stats),
+                     "rel_carved": statistics.mean(s["rel_before"] for s in stats),
+                     "rel_blocks": statistics.mean(s["rel_after"] for s in stats),
+                     "cos_blocks": cos_blocks, "best_step": best_step, "ablation": ablated,
+                     "dropped": stats[0]["dropped"], **q})
+        convs[key] = conv
+        if progress:
+            print(f"{key}: cos {cos_blocks:.4f} after blocks -> {q['cos_mean']:.4f} (p5 {q['cos_p5']:.4f}) "
+                  f"nn@{k} {q['nn_agree']:.3f} ({convert_s:.0f} s)", flush=True)
+    backend = kernels.get_backend()
+    if backend == "auto":
+        layer = next(iter(convs.values())).get_submodule(find_ffn(dense)[0][0]).intermediate
+        with torch.inference_mode():
+            backend += " -> " + ("cpu" if kernels.cpu_applies(*layer.parameters()) else "torch")
+    if threads:
+        set_threads(threads)
+    n_threads = torch.get_num_threads()
+    times = benchmark(dense, convs, tok, held, batch_sizes, seq_len, repeats)
+    for row in rows:
+        row["ffn_speedup"] = {b: times[b]["dense"]["ffn"] / times[b][row["key"]]["ffn"] for b in batch_sizes}
+        row["enc_speedup"] = {b: times[b]["dense"]["encoder"] / times[b][row["key"]]["encoder"] for b in batch_sizes}
+    return {"rows": rows, "times": times, "backend": backend, "threads": n_threads,
+            "n_calib": len(calib), "n_carve": min(carve_sentences, len(calib)), "n_eval": len(held),
+            "n_val": n_val,
+            "calib_tokens": sum(int(b["attention_mask"].sum()) for b in distill_batches),
+            "block_steps": block_steps, "steps": steps, "lr": lr, "batch_size": batch_size,
+            "seq_len": seq_len, "batch_sizes": list(batch_sizes), "repeats": repeats,
+            "queries": queries, "topk": k, "total_s": time.perf_counter() - t0}
+
+
+RESULTS_BEGIN, RESULTS_END = "<!-- convert-minilm results -->", "<!-- /convert-minilm results -->"
+
+
+def write_report(res: dict, md_path, png_path, command: str) -> None:
+    """Markdown table + frontier plot (mean cosine vs whole-encoder speed-up) of ``evaluate_configs``.
+
+    If ``md_path`` exists and holds the ``RESULTS_BEGIN``/``RESULTS_END`` markers, only the text
+    between them is replaced; otherwise the file is (over)written with the results alone."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bs = res["batch_sizes"]
+    big = bs[-1]
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for b, marker in zip(bs, "os^v"):
+        xs = [r["enc_speedup"][b] for r in res["rows"]]
+        ys = [r["cos_mean"] for r in res["rows"]]
+        ax.scatter(xs, ys, marker=marker, label=f"encoder, batch {b}")
+        if b == big:
+            for r, xv, yv in zip(res["rows"], xs, ys):
+                ax.annotate(r["key"], (xv, yv), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.axhline(0.95, ls="--", c="grey", lw=0.8)
+    ax.axvline(1.5, ls="--", c="grey", lw=0.8)
+    ax.set_xlabel(f"whole-encoder speed-up vs dense (seq {res['seq_len']})")
+    ax.set_ylabel("mean cosine(dense, converted) on held-out sentences")
+    ax.set_title("all-MiniLM-L6-v2 with carved FFF feedforwards")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+
+    t = res["times"]
+    lines = [
+        "| config (depth-leaf-master) | neurons/token | dropped/layer | busiest leaf | captured "
+        "| rel. error carved -> distilled | cos after blocks | e2e step kept "
+        "| cos mean | cos p5 | top-%d agree | " % res["topk"]
+        + " | ".join(f"FFN x (b{b})" for b in bs) + " | " + " | ".join(f"encoder x (b{b})" for b in bs) + " |",
+        "|" + "---|" * (11 + 2 * len(bs)),
+    ]
+    for r in res["rows"]:
+        lines.append(
+            f"| {r['key']} | {r['neurons']} | {r['dropped']} | {r['max_share']:.2f} | {r['captured']:.3f} | "
+            f"{r['rel_carved']:.3f} -> {r['rel_blocks']:.3f} | {r['cos_blocks']:.4f} | {r['best_step']} | "
+            f"{r['cos_mean']:.4f} | "
+            f"{r['cos_p5']:.4f} | "
+            f"{r['nn_agree']:.3f} | " + " | ".join(f"{r['ffn_speedup'][b]:.2f}" for b in bs) + " | "
+            + " | ".join(f"{r['enc_speedup'][b]:.2f}" for b in bs) + " |")
+    ablation = []
+    if any(r["ablation"] for r in res["rows"]):
+        ablation = ["Ablation (mean cosine on the held-out sentences; each column adds one part of the pipeline to "
+                    "the one before; the first three are block conversions without the later parts):", "",
+                    "| config | " + " | ".join(ABLATIONS) + " | + LayerNorm weights | + end-to-end |",
+                    "|---|" + "---|" * (len(ABLATIONS) + 2)]
+        ablation += [f"| {r['key']} | " + " | ".join(f"{r['ablation'][a]:.4f}" for a in ABLATIONS)
+                     + f" | {r['cos_blocks']:.4f} | {r['cos_mean']:.4f} |" for r in res["rows"] if r["ablation"]]
+        ablation.append("")
+    timing = ["| variant | " + " | ".join(f"FFN ms (b{b}) | encoder ms (b{b})" for b in bs) + " |",
+              "|---|" + "---|---|" * len(bs)]
+    for k in t[bs[0]]:
+        timing.append(f"| {k} | " + " | ".join(f"{t[b][k]['ffn'] * 1e3:.2f} | {t[b][k]['encoder'] * 1e3:.2f}"
+                                             for b in bs) + " |")
+    body = "\n".join([
+        "## Results (generated by `fastff convert-minilm`)", "",
+        f"Command: `{command}`", "",
+        f"Calibration: {res['n_calib']} sentences ({res['calib_tokens']} tokens), the first {res['n_carve']} "
+        f"of them used to carve; held-out evaluation: {res['n_eval']} sentences, retrieval = top-{res['topk']} "
+        f"neighbours of {res['queries']} queries among all held-out sentences. Blocks: carved and distilled in "
+        f"turn (residual targets, LayerNorm error weights; ridge refit + {res['block_steps']} Adam steps each). "
+        f"End to end: {res['steps']} Adam steps (lr {res['lr']}, cosine decay, {res['batch_size']} sentences "
+        f"per step) on the final embeddings and hidden states, routing frozen, on the calibration sentences "
+        f"but the last {res['n_val']}, on which the loss is checked every tenth of the run: the weights of the "
+        f"best check are kept (step 0 = the blocks' weights). "
+        f"Speed: median of {res['repeats']} interleaved runs, sequence length {res['seq_len']}, "
+        f"torch threads {res['threads']}, FFF backend `{res['backend']}`, torch.inference_mode(). "
+        f"Total run time {res['total_s']:.0f} s.", "",
+        "\n".join(lines), "",
+        "neurons/token = depth + leaf_width + master; busiest leaf = share of calibration tokens routed to "
+        "the most used leaf (mean over layers); captured = share of the importance (see above) held by "
+        "each token's leaf + master; rel. error = LayerNorm-weighted squared error of the FFN output / "
+        "weighted output variance on calibration tokens, right after carving and after the block's "
+        "distillation (mean over layers); cos after blocks = mean cosine before the end-to-end "
+        "distillation; e2e step kept = the end-to-end step whose weights were kept (lowest validation "
+        "loss); x = dense time / converted time.", "",
+        *ablation,
+        "Absolute times (FFN = the 6 FFN blocks on the dense model's block inputs):", "",
+        "\n".join(timing), "",
+        f"![frontier]({Path(png_path).name})", ""])
+    md_path = Path(md_path)
+    old = md_path.read_text() if md_path.exists() else ""
+    if RESULTS_BEGIN in old and RESULTS_END in old:  # keep the hand-written parts of the page
+        head, rest = old.split(RESULTS_BEGIN, 1)
+        body = head + RESULTS_BEGIN + "\n" + body + RESULTS_END + rest.split(RESULTS_END, 1)[1]
+    md_path.write_text(body)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--text", default=None, help=f"text file or directory (default {DEFAULT_TEXT})")
+    parser.add_argument("--calib", type=int, default=None,
+                        help="calibration sentences (default: every sentence not held out)")
+    parser.add_argument("--carve-sentences", type=int, default=2000,
+                        help="calibration sentences the blocks are carved and distilled on")
+    parser.add_argument("--eval", type=int, default=500, help="held-out evaluation sentences")
+    parser.add_argument("--queries", type=int, default=100, help="retrieval queries (from the held-out set)")
+    parser.add_argument("--configs", default=DEFAULT_CONFIGS, help="depth:leaf_width:master,...")
+    parser.add_argument("--block-steps", type=int, default=50, help="Adam steps per block after its ridge refit")
+    parser.add_argument("--steps", type=int, default=2000, help="end-to-end distillation steps (0: none)")
+    parser.add_argument("--lr", type=float, default=3e-3, help="end-to-end distillation learning rate")
+    parser.add_argument("--batch", type=int, default=32, help="sentences per end-to-end distillation step")
+    parser.add_argument("--val-sentences", type=int, default=320,
+                        help="calibration sentences held back to pick the best end-to-end step")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch-sizes", default="1,64")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per variant (median)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--carve-tokens", type=int, default=8000, help="calibration tokens per layer used to carve")
+    parser.add_argument("--no-ablation", action="store_true",
+                        help="skip the ablation conversions (independent / sequential / residual targets)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="docs/minilm.md")
+    parser.add_argument("--plot", default="docs/minilm_frontier.png")
+
+
+def run(args) -> int:
+    import sys
+    if args.threads:
+        set_threads(args.threads)
+    torch.manual_seed(args.seed)
+    configs = _parse_configs(args.configs)
+    sentences = load_sentences(args.text)
+    n_calib = len(sentences) - args.eval if args.calib is None else args.calib
+    calib, held = split_sentences(sentences, n_calib, args.eval, args.seed)
+    res = evaluate_configs(calib, held, configs, carve_sentences=args.carve_sentences, block_steps=args.block_steps,
+                           steps=args.steps, lr=args.lr, batch_size=args.batch, seq_len=args.seq_len,
+                           batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")), repeats=args.repeats,
+                           retrieval_queries=args.queries, max_carve_tokens=args.carve_tokens,
+                           threads=args.threads, ablation=not args.no_ablation, val_sentences=args.val_sentences)
+    write_report(res, args.out, args.plot, command="fastff " + " ".join(sys.argv[1:]))
+    print(Path(args.out).read_text())
+    return 0
