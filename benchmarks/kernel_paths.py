@@ -20,7 +20,7 @@ import fastff
 from fastff.apps.timing import median_times
 from fastff.functional import activation_code
 from fastff.kernels import cpu
-from fastff.kernels.numba import infer
+from fastff.kernels.numba import common, infer
 from fastff.kernels.numba.common import group_tiles
 
 
@@ -41,11 +41,18 @@ def main() -> None:
 
     nt = fastff.NeuronTree(d, d, 11, 1)
     wi, bi, wo, bo = cpu.weights_np(nt.w_in, nt.b_in, nt.w_out, nt.b_out)
-    split = cpu.nt_split(12, (d + d) * 4)
+    split, tile = cpu.nt_split(12, (d + d) * 4), cpu.tile_rows(B, d * 4)
+    pre, nodes = np.empty((B, 1, 12), np.float32), np.empty((B, 1, 12), np.int64)
+    no_flip = np.zeros((0, 1, 12), np.uint8)
+
+    def grouped(s):
+        order, tiles = common.route(x, wi, bi, no_flip, s, tile, pre, nodes)
+        infer.nt_outputs(pre, nodes, wo, bo, code, order, tiles, out)
+
     fns = {"per-row walk": lambda: infer.nt_serial(x, wi, bi, wo, bo, 12, code, out)}
     for s in sorted({split - 2, split, split + 1} & set(range(1, 12))):
-        fns[f"subtree groups, split {s}" + (" (auto)" if s == split else "")] = \
-            (lambda s: lambda: infer.nt_throughput(x, wi, bi, wo, bo, 12, s, cpu.NT_TILE, code, out))(s)
+        fns[f"grouped, split {s}" + (" (auto)" if s == split else "")] = (lambda s: lambda: grouped(s))(s)
+    fns["grouped descent only (no outputs)"] = lambda: common.route(x, wi, bi, no_flip, split, tile, pre, nodes)
     same = np.repeat(x[:1], B, axis=0)
     fns["per-row walk, every row on one path"] = lambda: infer.nt_serial(same, wi, bi, wo, bo, 12, code, out)
     report("NeuronTree 1x11", cpu_times(fns), B)
@@ -54,13 +61,17 @@ def main() -> None:
     w = cpu.weights_np(ff.node_w, ff.node_b, ff.w1, ff.b1, ff.w2, ff.b2)
     leaf, gate = np.empty(B, np.int64), np.empty(B, np.float32)
 
+    def routing():
+        pre, nodes, _, _ = cpu.route(x, w[0][None], w[1][None], None, 8, d * 4)
+        infer.fff_reached(pre, nodes, 255, False, leaf, gate)
+
     def tiles():
-        infer.fff_route(x, w[0], w[1], 8, False, leaf, gate)
+        routing()
         order, t = group_tiles(leaf, 256, cpu.LEAF_TILE)
         infer.fff_tiles(x, *w[2:], code, False, gate, order, t, out)
 
     fns = {"per-row walk": lambda: infer.fff_serial(x, w[0], w[1], 8, *w[2:], code, False, out),
-           "routing pass only": lambda: infer.fff_route(x, w[0], w[1], 8, False, leaf, gate),
+           "routing pass only (grouped descent)": routing,
            "leaf-grouped tiles (route + sort + tiles)": tiles}
     report("FFF depth 8 leaf 16", cpu_times(fns), B)
 

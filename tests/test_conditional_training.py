@@ -1,5 +1,7 @@
 """Conditional training: NeuronTree sparse autograd, FFF hard_path, local optimisers."""
 import copy
+from contextlib import ExitStack
+from unittest import mock
 
 import pytest
 import torch
@@ -7,7 +9,7 @@ from hypothesis import given, strategies as st
 
 import fastff
 from fastff import kernels
-from fastff.kernels import reference as R
+from fastff.kernels import cpu, reference as R
 from fastff.training import LocalAdam, LocalSGD, load_balancing_loss
 from fastff.apps.train_bench import train_step_rows
 
@@ -29,19 +31,34 @@ def nt_params(nt):
     return [nt.w_in, nt.b_in, nt.w_out] + ([] if nt.b_out is None else [nt.b_out])
 
 
-@given(depth=st.integers(0, 8), trees=st.integers(1, 4), lead=st.sampled_from(LEAD),
-       act=st.sampled_from(ACTS), bias=st.booleans(), seed=st.integers(0, 2**16))
-def test_neuron_tree_conditional_grads_equal_masked_dense(depth, trees, lead, act, bias, seed):
+# (SUBTREE_BYTES, TILE_BYTES) of fastff.kernels.cpu: the default, rows regrouped on the deepest
+# level in tiles of 4, and weight gradients of every level from per-chunk partial sums
+# (TILE_BYTES 1) or from the top levels' partials and per-subtree sums (TILE_BYTES 100).
+GROUPING = [(1 << 19, 3 << 18), (0, 1), (0, 100)]
+
+
+def grouping(subtree_bytes, tile_bytes):
+    stack = ExitStack()
+    stack.enter_context(mock.patch.object(cpu, "SUBTREE_BYTES", subtree_bytes))
+    stack.enter_context(mock.patch.object(cpu, "TILE_BYTES", tile_bytes))
+    return stack
+
+
+@given(depth=st.integers(0, 8), trees=st.integers(1, 4), lead=st.sampled_from(LEAD), rows=st.integers(1, 30),
+       act=st.sampled_from(ACTS), bias=st.booleans(), paths=st.sampled_from(GROUPING), seed=st.integers(0, 2**16))
+def test_neuron_tree_conditional_grads_equal_masked_dense(depth, trees, lead, rows, act, bias, paths, seed):
     torch.manual_seed(seed)
     nt = fastff.NeuronTree(5, 4, depth, trees, activation=act, bias=bias).to(F64).train()
-    x = torch.randn(*lead, 4, 5, dtype=F64, requires_grad=True)
-    y = nt(x)                                                          # numba conditional path
+    x = torch.randn(*lead, rows, 5, dtype=F64, requires_grad=True)
+    with grouping(*paths):
+        y = nt(x)                                                      # numba conditional path
     g = torch.randn_like(y)
     params = nt_params(nt)
     y_ref = R.neuron_tree_masked_dense(x.reshape(-1, 5), nt.w_in, nt.b_in, nt.w_out, nt.b_out, act)
     torch.testing.assert_close(y.reshape(-1, 4), y_ref, rtol=1e-9, atol=1e-10)
     expected = grads(y_ref, [x] + params, g.reshape(-1, 4))
-    assert_all_close(grads(y, [x] + params, g), expected)
+    with grouping(*paths):
+        assert_all_close(grads(y, [x] + params, g), expected)
     y_t, _ = kernels.resolve("torch").neuron_tree_paths(x.reshape(-1, 5), nt.w_in, nt.b_in, nt.w_out, nt.b_out, act)
     assert_all_close(grads(y_t, [x] + params, g.reshape(-1, 4)), expected)
 
@@ -61,21 +78,24 @@ def fff_params(f):
     return [f.node_w, f.node_b, f.w1, f.b1, f.w2, f.b2]
 
 
-@given(depth=st.integers(0, 6), leaf=st.integers(1, 5), lead=st.sampled_from(LEAD),
-       act=st.sampled_from(ACTS), backend=st.sampled_from(["cpu", "torch"]), seed=st.integers(0, 2**16))
-def test_hard_path_equals_all_leaves_masked_reference(depth, leaf, lead, act, backend, seed):
+@given(depth=st.integers(0, 6), leaf=st.integers(1, 5), lead=st.sampled_from(LEAD), rows=st.integers(1, 30),
+       act=st.sampled_from(ACTS), backend=st.sampled_from(["cpu", "torch"]), paths=st.sampled_from(GROUPING),
+       seed=st.integers(0, 2**16))
+def test_hard_path_equals_all_leaves_masked_reference(depth, leaf, lead, rows, act, backend, paths, seed):
     torch.manual_seed(seed)
     f = fastff.FFF(5, 3, depth, leaf, activation=act, train_mode="hard_path").to(F64).train()
-    x = torch.randn(*lead, 6, 5, dtype=F64, requires_grad=True)
+    x = torch.randn(*lead, rows, 5, dtype=F64, requires_grad=True)
     x2 = x.reshape(-1, 5)
     if backend == "cpu":
-        y = f(x).reshape(-1, 3)
+        with grouping(*paths):
+            y = f(x).reshape(-1, 3)
     else:
         y = kernels.fff_hard_path(x2, *fff_params(f), act, backend="torch")[0]
     y_ref = R.fff_hard_path(x2, *fff_params(f), act)
     torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-10)
     g = torch.randn_like(y)
-    assert_all_close(grads(y, [x] + fff_params(f), g), grads(y_ref, [x] + fff_params(f), g))
+    with grouping(*paths):
+        assert_all_close(grads(y, [x] + fff_params(f), g), grads(y_ref, [x] + fff_params(f), g))
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])

@@ -3,6 +3,7 @@ from contextlib import ExitStack
 from unittest import mock
 
 import numba
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, strategies as st
@@ -11,22 +12,23 @@ import fastff
 from fastff import kernels
 from fastff.functional import ACTIVATIONS
 from fastff.kernels import cpu, reference as R
-from fastff.kernels.numba import infer
+from fastff.kernels.numba import common, infer
 from fastff.threads import set_threads
 
 from _routing import route_margin
 
-# (THROUGHPUT_MIN_ROWS, PARALLEL_MIN_BYTES, SUBTREE_BYTES, GEMM_MIN_LEAF) forcing each code path
-# whatever the batch size; the NeuronTree throughput path then groups rows on the deepest possible
-# level; "throughput" runs FFF leaves with the hand-written tile loops, "gemm" with BLAS GEMMs.
-PATHS = {"serial": (1 << 40, 1 << 40, 1 << 19, 1 << 40), "parallel": (1 << 40, 0, 1 << 19, 1 << 40),
-         "throughput": (0, 0, 0, 1 << 40), "gemm": (0, 0, 0, 1)}
+# (THROUGHPUT_MIN_ROWS, PARALLEL_MIN_BYTES, SUBTREE_BYTES, GEMM_MIN_LEAF, TILE_BYTES) forcing each
+# code path whatever the batch size; the grouped descent then regroups rows on the deepest
+# possible level, "throughput" in tiles of 4 rows; "throughput" runs FFF leaves with the
+# hand-written tile loops, "gemm" with BLAS GEMMs.
+PATHS = {"serial": (1 << 40, 1 << 40, 1 << 19, 1 << 40, 3 << 18), "parallel": (1 << 40, 0, 1 << 19, 1 << 40, 3 << 18),
+         "throughput": (0, 0, 0, 1 << 40, 1), "gemm": (0, 0, 0, 1, 3 << 18)}
 LEADING = [(0,), (1,), (7,), (2, 3, 5), (40,)]
 
 
 def forced_path(path: str) -> ExitStack:
     stack = ExitStack()
-    for name, value in zip(("THROUGHPUT_MIN_ROWS", "PARALLEL_MIN_BYTES", "SUBTREE_BYTES", "GEMM_MIN_LEAF"),
+    for name, value in zip(("THROUGHPUT_MIN_ROWS", "PARALLEL_MIN_BYTES", "SUBTREE_BYTES", "GEMM_MIN_LEAF", "TILE_BYTES"),
                            PATHS[path]):
         stack.enter_context(mock.patch.object(cpu, name, value))
     return stack
@@ -93,19 +95,28 @@ def test_neuron_tree_cpu_matches_reference(depth, trees, d_in, d_out, shape, dty
     assert_matches(y.reshape(-1, d_out), ref, keep)
 
 
-@given(depth=st.integers(1, 6), trees=st.integers(1, 3), rows=st.integers(1, 50), seed=st.integers(0, 2**16))
-def test_neuron_tree_throughput_equals_walk_at_every_split(depth, trees, rows, seed):
-    """Grouping rows on any level gives bit-identical results to the per-row walk."""
+@given(depth=st.integers(0, 6), trees=st.integers(1, 3), rows=st.integers(0, 50), tile=st.integers(4, 20),
+       dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**16))
+def test_grouped_descent_equals_walk_at_every_split(depth, trees, rows, tile, dtype, seed):
+    """Grouping rows on any level, in tiles of any size, gives the per-row walk's visited nodes
+    and (up to reassociation) its outputs."""
     torch.manual_seed(seed)
-    n = fastff.NeuronTree(12, 5, depth, trees)
-    x = torch.randn(rows, 12).numpy()
+    n = fastff.NeuronTree(12, 5, depth, trees).to(dtype)
+    x = torch.randn(rows, 12, dtype=dtype).numpy()
     w_in, b_in, w_out, b_out = (p.detach().numpy() for p in nt_params(n))
-    walk = torch.empty(rows, 5).numpy()
+    walk = np.empty((rows, 5), x.dtype)
     infer.nt_serial(x, w_in, b_in, w_out, b_out, depth + 1, 1, walk)
-    for split in range(1, depth + 1):
-        out = torch.empty(rows, 5).numpy()
-        infer.nt_throughput(x, w_in, b_in, w_out, b_out, depth + 1, split, 4, 1, out)
-        assert (out == walk).all()
+    visits = R.neuron_tree_visits(torch.from_numpy(x), n.w_in.detach(), n.b_in.detach()).numpy()
+    keep = (torch.stack([route_margin(torch.from_numpy(x), n.w_in[k], n.b_in[k], depth + 1) for k in range(trees)])
+            .amin(0) > 1e-4).numpy() if rows else np.zeros(0, bool)
+    for split in range(depth + 1):
+        pre, nodes = np.empty((rows, trees, depth + 1), x.dtype), np.empty((rows, trees, depth + 1), np.int64)
+        order, tiles = common.route(x, w_in, b_in, np.zeros((0, trees, depth + 1), np.uint8), split, tile, pre, nodes)
+        assert sorted(order.tolist()) == list(range(rows)) and (tiles[:, 2] - tiles[:, 1] <= tile).all()
+        out = np.empty((rows, 5), x.dtype)
+        infer.nt_outputs(pre, nodes, w_out, b_out, 1, order, tiles, out)
+        assert (nodes[keep] == visits[keep]).all()
+        np.testing.assert_allclose(out[keep], walk[keep], rtol=1e-4, atol=1e-5)
 
 
 def test_nt_split():

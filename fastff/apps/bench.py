@@ -18,13 +18,18 @@ Candidates (``backend`` field of a row):
 
 Each row also carries the work per row (weight + activation bytes touched, FLOPs, no reuse
 across rows assumed for the routed layers) and the achieved GB/s and GFLOP/s, to compare with
-the machine's copy bandwidth and GEMM peak measured by ``machine_limits``.
+the machine's copy bandwidth and GEMM peak measured by ``machine_limits``; and the bound the
+hardware sets on the call (``bound_ms``, ``pct_of_bound``): the larger of the memory bound
+(``unique_bytes`` — the distinct weight bytes the batch touches, expected under uniform
+routing, plus its input and output — at copy bandwidth) and the compute bound (FLOPs at the
+measured GEMM peak); ``bound`` says which one applies.
 """
 from __future__ import annotations
 
 import csv
 import io
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -41,7 +46,8 @@ from .timing import best_time, median_times
 LAYERS = ("neuron-tree", "fff")
 MOE_EXPERTS = 16
 FIELDS = ("layer", "batch", "depth", "backend", "ms", "speedup_vs_dense", "width", "dim", "threads",
-          "bytes_per_row", "flops_per_row", "gb_s", "gflop_s", "pct_copy_bw", "pct_gemm")
+          "bytes_per_row", "flops_per_row", "gb_s", "gflop_s", "pct_copy_bw", "pct_gemm", "bound_ms",
+          "pct_of_bound", "bound")
 
 
 @dataclass
@@ -81,6 +87,21 @@ class Spec:
             flops = used * 4 * d
         return (weights + 2 * d) * f, flops
 
+    def unique_bytes(self, batch: int) -> float:
+        """Distinct bytes a batch of hard inference must move at least (float32): every weight
+        row some row of the batch touches, once — expected under uniform routing, a level of n
+        nodes being touched at n·(1 - (1 - 1/n)^batch) nodes — plus the input and output."""
+        def touched(n: int) -> float:
+            return n * -math.expm1(batch * math.log1p(-1 / n)) if n > 1 else float(batch > 0)
+
+        d = self.dim
+        if self.layer == "fff":
+            weights = (sum(touched(1 << t) for t in range(self.depth)) * (d + 1)
+                       + touched(1 << self.depth) * (2 * d * self.leaf + self.leaf + d))
+        else:
+            weights = self.trees * sum(touched(1 << t) for t in range(self.depth + 1)) * (2 * d + 1) + d
+        return 4 * (weights + 2 * d * batch)
+
 
 def parse_batches(text: str) -> list[int]:
     """'1,64,4096' -> [1, 64, 4096]; every entry a positive int."""
@@ -105,11 +126,19 @@ def machine_limits(seconds: float = 1.0) -> dict:
 
 
 def add_limits(rows: list[dict], limits: dict | None) -> list[dict]:
-    """Set pct_copy_bw / pct_gemm: achieved GB/s and GFLOP/s as % of the machine limits."""
+    """Set pct_copy_bw / pct_gemm (achieved GB/s and GFLOP/s as % of the machine limits) and
+    the bound: bound_ms = max(unique_bytes / copy bandwidth, batch FLOPs / GEMM peak), bound =
+    "memory" | "compute" (the larger), pct_of_bound = 100 · bound_ms / ms."""
     for r in rows:
         for field, achieved, limit in (("pct_copy_bw", "gb_s", "copy_gb_s"), ("pct_gemm", "gflop_s", "gemm_gflop_s")):
             ok = limits is not None and r.get(achieved) is not None
             r[field] = 100 * r[achieved] / limits[limit] if ok else None
+        r["bound_ms"] = r["pct_of_bound"] = r["bound"] = None
+        if limits is not None and r.get("unique_bytes") is not None and r.get("flops_per_row") is not None:
+            memory = 1e3 * r["unique_bytes"] / (limits["copy_gb_s"] * 1e9)
+            compute = 1e3 * r["flops_per_row"] * r["batch"] / (limits["gemm_gflop_s"] * 1e9)
+            r["bound_ms"], r["bound"] = max(memory, compute), "memory" if memory >= compute else "compute"
+            r["pct_of_bound"] = 100 * r["bound_ms"] / r["ms"]
     return rows
 
 
@@ -199,10 +228,11 @@ def bench_rows(spec: Spec, batches: list[int], repeats: int = 20, warmup: int = 
         for name, sec in med.items():
             if name == "dense":
                 moved, flops = dense_weight_bytes + batch * dense_bytes_row, batch * dense_flops_row
+                unique = moved
             elif name.startswith("moe"):
-                moved = flops = None
+                moved = flops = unique = None
             else:
-                moved, flops = batch * bytes_row, batch * flops_row
+                moved, flops, unique = batch * bytes_row, batch * flops_row, spec.unique_bytes(batch)
             rows.append({
                 "layer": spec.layer, "batch": batch, "depth": spec.depth, "backend": name,
                 "ms": sec * 1e3, "speedup_vs_dense": med["dense"] / sec if "dense" in med else None,
@@ -211,6 +241,7 @@ def bench_rows(spec: Spec, batches: list[int], repeats: int = 20, warmup: int = 
                 "flops_per_row": None if flops is None else flops / batch,
                 "gb_s": None if moved is None else moved / sec / 1e9,
                 "gflop_s": None if flops is None else flops / sec / 1e9,
+                "unique_bytes": unique,
             })
     return rows
 

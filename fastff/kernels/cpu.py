@@ -24,19 +24,19 @@ import numba
 import numpy as np
 import torch
 
-from ..functional import activation_code, child_index, fff_depth, go_right, tree_levels
+from ..functional import activation_code, fff_depth, tree_levels
 from ..threads import follow_torch_threads, single_threaded_blas, with_torch_threads
 from . import routing
-from .numba import infer, train
+from .numba import common, infer, train
 from .numba.common import group_rows, group_tiles
 
 DTYPES = (torch.float32, torch.float64)
 # Batches from this size on take the grouped throughput paths.
 THROUGHPUT_MIN_ROWS = 256
-# NeuronTree throughput path: a group's subtree (w_in + w_out rows) must fit in this many bytes
-# (about half of one core's L2); rows per group-tile in the parallel loop.
+# Grouped descent: a group's subtree (w_in + w_out rows) must fit in this many bytes (about a
+# quarter of one core's L2); a tile's input rows in TILE_BYTES.
 SUBTREE_BYTES = 1 << 19
-NT_TILE = 16
+TILE_BYTES = 3 << 18
 # Smaller jobs (rows x weight bytes touched per row) run on the calling thread only.
 PARALLEL_MIN_BYTES = 1 << 19
 # Rows per FFF leaf tile (the M of each small per-leaf GEMM).
@@ -45,10 +45,6 @@ LEAF_TILE = 32
 # dim 384-768, 4096-8192 rows: equal speed at leaf 16, 1.5x faster at 64, 2.6x at 512).
 GEMM_MIN_LEAF = 32
 GEMM_TILE = 256
-# Training: NeuronTree rows are re-sorted by their node after this many levels (cache reuse);
-# dynamic scheduling chunk for the grouped loops (the root / big leaves are heavy).
-SORT_LEVEL = 6
-CHUNK = 8
 
 
 # ----------------------------------------------------------------------------- tensors <-> numpy
@@ -171,7 +167,7 @@ def fff_run(xa: np.ndarray, weights: tuple, code: int, gated: bool, out: np.ndar
         return
     depth = fff_depth(a1.shape[0])
     if rows >= THROUGHPUT_MIN_ROWS:
-        with_torch_threads(_fff_throughput, xa, nw, nb, depth, a1, c1, a2, c2, code, gated, out)
+        _fff_throughput(xa, nw, nb, depth, a1, c1, a2, c2, code, gated, out)
         return
     _, inp, hidden = a1.shape
     row_bytes = (depth * inp + hidden * (inp + a2.shape[2])) * xa.itemsize
@@ -182,25 +178,46 @@ def fff_run(xa: np.ndarray, weights: tuple, code: int, gated: bool, out: np.ndar
 
 
 def _fff_throughput(xa, nw, nb, depth, a1, c1, a2, c2, code, gated, out) -> None:
-    """Route every row, group rows by leaf, evaluate tiles of one leaf: hand-written loops for
+    """Route every row (grouped descent, ``route``), group rows by leaf, evaluate tiles of one leaf: hand-written loops for
     narrow leaves, two BLAS GEMMs per tile from ``GEMM_MIN_LEAF`` on."""
     leaf, gate = np.empty(xa.shape[0], np.int64), np.empty(xa.shape[0], xa.dtype)
-    infer.fff_route(xa, nw, nb, depth, gated, leaf, gate)
+    pre, nodes, _, _ = route(xa, nw[None], nb[None], None, depth, nw.shape[1] * xa.itemsize)
+    infer.fff_reached(pre, nodes, nw.shape[0], gated, leaf, gate)
     if a1.shape[2] < GEMM_MIN_LEAF:
         order, tiles = group_tiles(leaf, a1.shape[0], LEAF_TILE)
-        infer.fff_tiles(xa, a1, c1, a2, c2, code, gated, gate, order, tiles, out)
+        with_torch_threads(infer.fff_tiles, xa, a1, c1, a2, c2, code, gated, gate, order, tiles, out)
         return
     order, tiles = group_tiles(leaf, a1.shape[0], GEMM_TILE)
     with single_threaded_blas():
-        infer.fff_tiles_gemm(xa, a1, c1, a2, c2, code, gated, gate, order, tiles, out)
+        with_torch_threads(infer.fff_tiles_gemm, xa, a1, c1, a2, c2, code, gated, gate, order, tiles, out)
 
 
 def nt_split(levels: int, node_bytes: int) -> int:
-    """Level at which the throughput path groups rows: the shallowest one whose subtrees
-    (``2**(levels - split) - 1`` neurons of ``node_bytes``) fit in ``SUBTREE_BYTES``; at most
-    ``levels - 1``. 0 means the whole tree fits (then the per-row walk is already cache-hot)."""
+    """Level at which the grouped descent (``numba.common.route``) regroups rows: the shallowest
+    one whose subtrees (``2**(levels - split) - 1`` neurons of ``node_bytes``) fit in
+    ``SUBTREE_BYTES``; at most ``levels - 1``. 0 means the whole tree fits (one stage)."""
     fit = tree_levels(SUBTREE_BYTES // node_bytes)   # levels of a subtree that fits
     return min(levels - 1, max(0, levels - fit))
+
+
+def tile_rows(rows: int, row_bytes: int) -> int:
+    """Rows per tile of the grouped kernels: their inputs fit in ``TILE_BYTES`` (L2), and there
+    are at least two tiles per thread when the batch allows."""
+    per_thread = -(-rows // (2 * torch.get_num_threads()))
+    return max(4, min(TILE_BYTES // max(1, row_bytes), per_thread))
+
+
+def route(xa: np.ndarray, w: np.ndarray, b: np.ndarray, flip: np.ndarray | None, levels: int,
+          node_bytes: int) -> tuple:
+    """Grouped descent of K trees (``numba.common.route``) on torch's thread count. xa (B, I),
+    w (K, M, I), b (K, M), flip (B, K, levels) bool or None -> (pre, nodes (B, K, levels),
+    order, tiles: the rows grouped by the last tree's path)."""
+    B, K = xa.shape[0], w.shape[0]
+    pre, nodes = np.empty((B, K, levels), xa.dtype), np.empty((B, K, levels), np.int64)
+    flip = np.zeros((0, K, levels), np.uint8) if flip is None else flip.view(np.uint8)
+    order, tiles = with_torch_threads(common.route, xa, w, b, flip, nt_split(levels, node_bytes),
+                                      tile_rows(B, xa.shape[1] * xa.itemsize), pre, nodes)
+    return pre, nodes, order, tiles
 
 
 def neuron_tree_run(xa: np.ndarray, weights: tuple, code: int, out: np.ndarray) -> None:
@@ -215,14 +232,19 @@ def neuron_tree_run(xa: np.ndarray, weights: tuple, code: int, out: np.ndarray) 
     levels = tree_levels(wi.shape[1])
     node_bytes = (wi.shape[2] + wo.shape[2]) * xa.itemsize
     if rows >= THROUGHPUT_MIN_ROWS:
-        split = nt_split(levels, node_bytes)
-        if split > 0:
-            with_torch_threads(infer.nt_throughput, xa, wi, bi, wo, bo, levels, split, NT_TILE, code, out)
-            return
-    if _parallel(rows, wi.shape[0] * levels * node_bytes):
+        _nt_grouped(xa, wi, bi, wo, bo, code, levels, out)
+    elif _parallel(rows, wi.shape[0] * levels * node_bytes):
         with_torch_threads(infer.nt_parallel, xa, wi, bi, wo, bo, levels, code, out)
     else:
         infer.nt_serial(xa, wi, bi, wo, bo, levels, code, out)
+
+
+def _nt_grouped(xa, wi, bi, wo, bo, code, levels, out) -> tuple:
+    """NeuronTree by groups of rows sharing weights: ``route``, then the outputs in path order.
+    -> (pre, nodes) (B, K, levels)."""
+    pre, nodes, order, tiles = route(xa, wi, bi, None, levels, (wi.shape[2] + wo.shape[2]) * xa.itemsize)
+    with_torch_threads(infer.nt_outputs, pre, nodes, wo, bo, code, order, tiles, out)
+    return pre, nodes
 
 
 def _output(rows: int, features: int, like: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
@@ -308,26 +330,46 @@ def _rows(m: int, nodes: np.ndarray) -> np.ndarray:
     return (nodes + np.arange(K)[None, :, None] * m).reshape(B, K * T)
 
 
-def _scatter_outer(h: np.ndarray, v: np.ndarray, idx: np.ndarray, n_rows: int, grouping=None) -> np.ndarray:
-    """Weight gradient ``G[idx[b, s]] += h[b, s] · v[b]``. h, idx (B,S), v (B,F) -> (n_rows, F).
-    ``grouping``: ``group_rows(idx.ravel(), n_rows)`` if already computed."""
-    order, starts = group_rows(idx.ravel(), n_rows) if grouping is None else grouping
-    out = np.empty((n_rows, v.shape[1]), dtype=v.dtype)
-    with numba.parallel_chunksize(CHUNK):
-        train.scatter_outer(h.ravel()[order], v, order // max(1, idx.shape[1]), starts, out)
-    return out
+def _sorted_paths(nodes: np.ndarray, m: int) -> tuple:
+    """(order (K, B), starts, idx (B, K·T)): ``common.sort_by_deepest`` of nodes (B, K, T) and the
+    visited rows of the flattened (K·m, F) weight tables."""
+    B, K, T = nodes.shape
+    order, starts = common.sort_by_deepest(nodes if T else np.zeros((B, K, 1), np.int64))
+    return order, starts, _rows(m, nodes)
+
+
+def _node_outer(c: np.ndarray, v: np.ndarray, nodes: np.ndarray, order: np.ndarray, starts: np.ndarray,
+                gw: np.ndarray, gb: np.ndarray) -> None:
+    """Weight gradients of visited pre-activations: gw[k, n] = Σ_{r visits n} c[r, k, t_n] · v[r],
+    gb[k, n] = Σ c (zero for nodes no row visits). The levels whose nodes hold more rows than fit
+    in ``TILE_BYTES`` are summed per row chunk (``train.top_partials``), the rest per subtree
+    (``train.deep_outer``). Runs numba on the thread count set by the caller (autograd Functions
+    under ``follow_torch_threads``). c, nodes (B, K, T), v (B, F), gw (K, M, F), gb (K, M)."""
+    B, K, T = c.shape
+    row_bytes = v.shape[1] * v.itemsize
+    split = 0
+    while split < T and -(-B // (1 << split)) * row_bytes > TILE_BYTES:
+        split += 1
+    if split:
+        chunks = 2 * torch.get_num_threads()
+        partial = np.empty((chunks, K, (1 << split) - 1, v.shape[1]), v.dtype)
+        partial_b = np.empty(partial.shape[:3], v.dtype)
+        train.top_partials(c, v, nodes, order, split, -(-B // chunks), partial, partial_b)
+        gw[:, :partial.shape[2]] = partial.sum(0)
+        gb[:, :partial.shape[2]] = partial_b.sum(0)
+    with numba.parallel_chunksize(1):
+        train.deep_outer(c, v, order, starts, split, gw, gb)
 
 
 class _Walk(torch.autograd.Function):
-    """Hard descent of K trees, differentiable in the visited pre-activations.
+    """Hard descent of K trees (``route``), differentiable in the visited pre-activations.
     x (B,F), w (K,M,F), b (K,M), flip (B,K,T) bool -> (pre (B,K,T), nodes (B,K,T) long)."""
 
     @staticmethod
     @follow_torch_threads
     def forward(ctx, x, w, b, flip):
-        nodes = np.empty(flip.shape, dtype=np.int64)
-        pre = np.empty(flip.shape, dtype=_np(x).dtype)
-        train.walk(_np(x), _np(w), _np(b), _np(flip).view(np.uint8), nodes, pre)
+        xa = _np(x)
+        pre, nodes, _, _ = route(xa, _np(w), _np(b), _np(flip), flip.shape[2], w.shape[2] * xa.itemsize)
         nodes = torch.from_numpy(nodes)
         ctx.save_for_backward(x, w, nodes)
         ctx.mark_non_differentiable(nodes)
@@ -336,35 +378,27 @@ class _Walk(torch.autograd.Function):
     @staticmethod
     @follow_torch_threads
     def backward(ctx, g, _):
-        x, w, nodes = ctx.saved_tensors
+        x, w, nodes = (_np(t) for t in ctx.saved_tensors)
+        g = _np(g)
         K, M, F = w.shape
-        idx, g = _rows(M, nodes.numpy()), _np(g.flatten(1))            # (B, K·T)
-        gx = np.empty_like(_np(x))
-        train.gather_combine(g, _np(w).reshape(K * M, F), idx, gx)
-        gw = _scatter_outer(g, _np(x), idx, K * M).reshape(K, M, F)
-        gb = np.bincount(idx.ravel(), weights=g.ravel(), minlength=K * M).astype(g.dtype).reshape(K, M)
+        order, starts, idx = _sorted_paths(nodes, M)
+        gw, gb = np.empty_like(w), np.empty((K, M), w.dtype)
+        _node_outer(g, x, nodes, order, starts, gw, gb)
+        gx = np.empty_like(x)
+        train.path_combine(g.reshape(idx.shape), w.reshape(K * M, F), idx, order[0], gx)
         return torch.from_numpy(gx), torch.from_numpy(gw), torch.from_numpy(gb), None
 
 
 class _NeuronTree(torch.autograd.Function):
-    """Fused NeuronTree forward and its conditional backward. -> (y (B,O), nodes (B,K,D+1))."""
+    """NeuronTree forward (the grouped inference kernels, recording the visited nodes and their
+    pre-activations) and its conditional backward. -> (y (B,O), nodes (B,K,D+1))."""
 
     @staticmethod
     @follow_torch_threads
     def forward(ctx, x, w_in, b_in, w_out, b_out, code):
-        K, M = w_in.shape[:2]
-        T = tree_levels(M)
-        nodes = np.empty((x.shape[0], K, T), dtype=np.int64)
-        pre = np.empty((x.shape[0], K, T), dtype=_np(x).dtype)
-        y = np.empty((x.shape[0], w_out.shape[-1]), dtype=pre.dtype)
-        args = _np(x), _np(w_in), _np(b_in), _np(w_out), _np(b_out), code
-        # the top levels in row order; then rows sorted by the node they reached, so the deep
-        # levels' weight rows are shared by neighbouring rows (cache reuse)
-        split = min(T, SORT_LEVEL)
-        train.nt_forward(*args, np.arange(x.shape[0]), 0, split, nodes, pre, y)
-        if split < T:
-            reached = child_index(torch.from_numpy(nodes[:, 0, split - 1]), go_right(torch.from_numpy(pre[:, 0, split - 1])))
-            train.nt_forward(*args, group_rows(reached.numpy(), M)[0], split, T, nodes, pre, y)
+        xa, wi, wo = _np(x), _np(w_in), _np(w_out)
+        y = np.empty((xa.shape[0], wo.shape[-1]), dtype=xa.dtype)
+        pre, nodes = _nt_grouped(xa, wi, _np(b_in), wo, _np(b_out), code, tree_levels(wi.shape[1]), y)
         nodes = torch.from_numpy(nodes)
         ctx.save_for_backward(x, w_in, w_out, nodes, torch.from_numpy(pre))
         ctx.code = code
@@ -374,23 +408,21 @@ class _NeuronTree(torch.autograd.Function):
     @staticmethod
     @follow_torch_threads
     def backward(ctx, g, _):
-        x, w_in, w_out, nodes, pre = ctx.saved_tensors
-        K, M, F = w_in.shape
-        # rows sorted by their (first tree's) path: neighbours share weight rows (cache reuse);
-        # the big permutations run as (parallel) torch index ops
-        order = torch.from_numpy(group_rows(nodes[:, 0, -1].numpy().copy(), M)[0])
-        xs, gs = (_np(t.index_select(0, order)) for t in (x, g.contiguous()))
-        nodes, pre = nodes.numpy()[order.numpy()], pre.numpy()[order.numpy()]
-        gx_sorted, da, h = np.empty_like(xs), np.empty_like(pre), np.empty_like(pre)
-        train.nt_backward_rows(xs, gs, _np(w_in), _np(w_out), ctx.code, nodes, pre, gx_sorted, da, h,
-                               xs.dtype.type(0))
-        gx = torch.empty_like(x).index_copy_(0, order, torch.from_numpy(gx_sorted))
-        idx = _rows(M, nodes)
-        grouping = group_rows(idx.ravel(), K * M)
-        gw_in = _scatter_outer(da, xs, idx, K * M, grouping).reshape(K, M, F)
-        gw_out = _scatter_outer(h, gs, idx, K * M, grouping).reshape(K, M, -1)
-        gb_in = np.bincount(idx.ravel(), weights=da.ravel(), minlength=K * M).astype(da.dtype).reshape(K, M)
-        return (gx, torch.from_numpy(gw_in), torch.from_numpy(gb_in), torch.from_numpy(gw_out), g.sum(0), None)
+        x, w_in, w_out, nodes, pre = (_np(t) for t in ctx.saved_tensors)
+        g = _np(g)
+        (B, K, T), (M, F), O = nodes.shape, w_in.shape[1:], w_out.shape[-1]
+        order, starts, idx = _sorted_paths(nodes, M)
+        gh, da, h = np.empty_like(pre), np.empty_like(pre), np.empty_like(pre)
+        train.path_dots(g, w_out.reshape(K * M, O), idx, order[0], gh.reshape(B, K * T))
+        train.nt_act_grads(pre, gh, ctx.code, da, h)
+        gw_in, gw_out = np.empty_like(w_in), np.empty_like(w_out)
+        gb_in, gb_out = np.empty((K, M), w_in.dtype), np.empty((K, M), w_in.dtype)
+        _node_outer(da, x, nodes, order, starts, gw_in, gb_in)
+        _node_outer(h, g, nodes, order, starts, gw_out, gb_out)
+        gx = np.empty_like(x)
+        train.path_combine(da.reshape(B, K * T), w_in.reshape(K * M, F), idx, order[0], gx)
+        return (torch.from_numpy(gx), torch.from_numpy(gw_in), torch.from_numpy(gb_in), torch.from_numpy(gw_out),
+                torch.from_numpy(g.sum(0)), None)
 
 
 class _Leaves(torch.autograd.Function):

@@ -1,5 +1,6 @@
 """Pieces every numba kernel shares: the activation table by code, the routing rule, vector
-primitives and the counting sort that groups rows.
+primitives (register-blocked: four rows or four weight vectors per pass, so each load feeds
+four FMAs), the level-by-level grouped descent and the counting sort that groups rows.
 
 Activation codes are ``fastff.functional.ACTIVATION_CODES``: 0 relu, 1 gelu, 2 gelu_tanh,
 3 silu, 4 tanh, 5 sigmoid, 6 identity.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 from numba.core.extending import overload
 from numba.np.numpy_support import as_dtype
 
@@ -36,15 +37,22 @@ def _like_overload(ref, v):
 
 
 @njit(inline="always", **JIT)
+def first_child(node):
+    """Heap order: the left child of ``node``; the nodes ``d`` levels below ``node`` are
+    ``first_child`` applied ``d`` times, plus 0 .. 2**d - 1."""
+    return 2 * node + 1
+
+
+@njit(inline="always", **JIT)
 def child(node, a):
     """The routing rule: heap-order child of ``node``, right iff the pre-activation ``a >= 0``."""
-    return 2 * node + 1 + (a >= 0)
+    return first_child(node) + (a >= 0)
 
 
 @njit(inline="always", **JIT)
 def child_flipped(node, a, flip):
     """``child`` with the decision swapped where ``flip`` (region leak) is set."""
-    return 2 * node + 1 + ((a >= 0) ^ (flip != 0))
+    return first_child(node) + ((a >= 0) ^ (flip != 0))
 
 
 @njit(inline="always", **JIT)
@@ -117,18 +125,98 @@ def axpy(o, a, w):
 
 
 @njit(inline="always", **JIT)
+def axpy4(o, a0, w0, a1, w1, a2, w2, a3, w3):
+    """o += a0·w0 + a1·w1 + a2·w2 + a3·w3 in one pass over o (one load and store of o per four FMAs)."""
+    for j in range(o.shape[0]):
+        o[j] += a0 * w0[j] + a1 * w1[j] + a2 * w2[j] + a3 * w3[j]
+
+
+@njit(inline="always", **JIT)
+def dot4(v0, v1, v2, v3, w, b):
+    """(b + v0·w, b + v1·w, b + v2·w, b + v3·w): each load of w feeds four rows' FMAs."""
+    a0 = a1 = a2 = a3 = b
+    for i in range(w.shape[0]):
+        wi = w[i]
+        a0 += v0[i] * wi
+        a1 += v1[i] * wi
+        a2 += v2[i] * wi
+        a3 += v3[i] * wi
+    return a0, a1, a2, a3
+
+
+@njit(inline="always", **JIT)
 def gemv_acc(o, a, w):
-    """o (n,) += a (K,) @ w (K, n). Four rows of w per pass over o (fewer loads/stores of o)."""
+    """o (n,) += a (K,) @ w (K, n), four rows of w per pass over o."""
     K = a.shape[0]
     k = 0
     while k + 4 <= K:
-        a0, a1, a2, a3 = a[k], a[k + 1], a[k + 2], a[k + 3]
-        w0, w1, w2, w3 = w[k], w[k + 1], w[k + 2], w[k + 3]
-        for j in range(o.shape[0]):
-            o[j] += a0 * w0[j] + a1 * w1[j] + a2 * w2[j] + a3 * w3[j]
+        axpy4(o, a[k], w[k], a[k + 1], w[k + 1], a[k + 2], w[k + 2], a[k + 3], w[k + 3])
         k += 4
     for u in range(k, K):
         axpy(o, a[u], w[u])
+
+
+@njit(inline="always", **JIT)
+def gather_gemv(o, a, w, idx):
+    """o (n,) += Σ_t a[t] · w[idx[t]]: the weight rows of one row's path (idx (T,) into w (M, n)),
+    four per pass over o."""
+    T = a.shape[0]
+    t = 0
+    while t + 4 <= T:
+        axpy4(o, a[t], w[idx[t]], a[t + 1], w[idx[t + 1]], a[t + 2], w[idx[t + 2]], a[t + 3], w[idx[t + 3]])
+        t += 4
+    for u in range(t, T):
+        axpy(o, a[u], w[idx[u]])
+
+
+@njit(inline="always", **JIT)
+def segment_dots(v, rows, s, e, w, b, res):
+    """res[m] = b + v[rows[m]] · w for m in [s, e): rows that share one weight vector w, four
+    rows per load of w."""
+    m = s
+    while m + 4 <= e:
+        res[m], res[m + 1], res[m + 2], res[m + 3] = dot4(v[rows[m]], v[rows[m + 1]], v[rows[m + 2]],
+                                                          v[rows[m + 3]], w, b)
+        m += 4
+    for q in range(m, e):
+        res[q] = dot_plus(v[rows[q]], w, b)
+
+
+@njit(inline="always", **JIT)
+def descend(x, w, b, flip, root, t0, t1, order, s, e, acts, tmp, bounds, pre, nodes):
+    """Level-by-level descent of the rows order[s:e], all at node ``root`` on level t0, through
+    levels [t0, t1) of one tree (w (M, I), b (M,)): the rows at one node share each weight load
+    (``segment_dots``). Records pre (B, T)[r, t] and nodes (B, T)[r, t]; flip (B, T) uint8 swaps a
+    row's decision on a level (region leak; shape (0, T): none). On return order[s:e] is sorted
+    stably by the node reached on level t1 (each node's rows contiguous, in heap order).
+    Scratch: acts, tmp (B,) used on [s, e); bounds (>= 2**(t1-t0) + 1,)."""
+    bounds[0], bounds[1] = s, e
+    first = root
+    for t in range(t0, t1):
+        for j in range((1 << (t - t0)) - 1, -1, -1):      # descending: bounds is rewritten in place
+            lo, hi = bounds[j], bounds[j + 1]
+            node = first + j
+            segment_dots(x, order, lo, hi, w[node], b[node], acts)
+            left = first_child(node)
+            n_left = 0
+            for m in range(lo, hi):
+                r = order[m]
+                pre[r, t] = acts[m]
+                nodes[r, t] = node
+                tmp[m] = r
+                go = child_flipped(node, acts[m], flip[r, t]) if flip.shape[0] else child(node, acts[m])
+                acts[m] = go == left                       # reused as "goes left"
+                n_left += go == left
+            i, k = lo, lo + n_left
+            for m in range(lo, hi):
+                if acts[m] != 0:
+                    order[i] = tmp[m]
+                    i += 1
+                else:
+                    order[k] = tmp[m]
+                    k += 1
+            bounds[2 * j + 2], bounds[2 * j + 1], bounds[2 * j] = hi, lo + n_left, lo
+        first = first_child(first)
 
 
 @njit(cache=True)
@@ -165,3 +253,80 @@ def group_tiles(key, n_keys, tile):
             tiles[t, 0], tiles[t, 1], tiles[t, 2] = g, s, min(s + tile, starts[g + 1])
             t += 1
     return order, tiles
+
+
+@njit(parallel=True, **JIT)
+def descend_stage(x, w, b, flip, k, t0, t1, order, tiles, pre, nodes, acts, tmp):
+    """Tree k, in parallel over tiles (T, 3) of [key, s, e]: the rows order[s:e], all at the
+    ``key``-th node of level t0, descend levels [t0, t1) (``descend``)."""
+    for i in prange(tiles.shape[0]):
+        key, s, e = tiles[i, 0], tiles[i, 1], tiles[i, 2]
+        bounds = np.empty((1 << (t1 - t0)) + 1, np.int64)
+        descend(x, w[k], b[k], flip[:, k], key + (1 << t0) - 1, t0, t1, order, s, e, acts, tmp, bounds,
+                pre[:, k], nodes[:, k])
+
+
+@njit(**JIT)
+def route(x, w, b, flip, split, tile, pre, nodes):
+    """Sign-routed descent of K trees (w (K, M, I), b (K, M)) through T = pre.shape[2] levels by
+    groups of rows that share weights: per tree, tiles of ``tile`` rows descend the top ``split``
+    levels, rows are counting-sorted by the node reached on level ``split``, then each group (in
+    tiles) descends the subtree under that node, whose weights stay in cache (split 0: all levels
+    in one stage). flip (B, K, T) uint8, or (0, K, T) for none. Records pre, nodes (B, K, T) and returns
+    (order, tiles) of the last stage: rows grouped by the last tree's path."""
+    B, T = x.shape[0], pre.shape[2]
+    acts = np.empty(B, x.dtype)
+    tmp = np.empty(B, np.int64)
+    top = split if 0 < split < T else T
+    order, tiles = group_tiles(np.zeros(B, np.int64), 1, tile)
+    for k in range(w.shape[0]):
+        if k:
+            order, tiles = group_tiles(np.zeros(B, np.int64), 1, tile)
+        descend_stage(x, w, b, flip, k, 0, top, order, tiles, pre, nodes, acts, tmp)
+        if top == T:
+            continue
+        key = np.empty(B, np.int64)
+        for r in range(B):
+            f = flip[r, k, top - 1] if flip.shape[0] else 0
+            key[r] = child_flipped(nodes[r, k, top - 1], pre[r, k, top - 1], f) - ((1 << top) - 1)
+        order, tiles = group_tiles(key, 1 << top, tile)
+        descend_stage(x, w, b, flip, k, top, T, order, tiles, pre, nodes, acts, tmp)
+    return order, tiles
+
+
+@njit(inline="always", **JIT)
+def segment_axpy(o, c, v, rows, s, e):
+    """o = Σ_{m in [s, e)} c[m] · v[rows[m]], four rows per pass over o."""
+    o[:] = 0
+    m = s
+    while m + 4 <= e:
+        axpy4(o, c[m], v[rows[m]], c[m + 1], v[rows[m + 1]], c[m + 2], v[rows[m + 2]], c[m + 3], v[rows[m + 3]])
+        m += 4
+    for q in range(m, e):
+        axpy(o, c[q], v[rows[q]])
+
+
+@njit(cache=True)
+def sort_by_deepest(nodes):
+    """Rows of each tree sorted by their deepest visited node. nodes (B, K, T), T >= 1 ->
+    (order (K, B), starts (K, 2**(T-1) + 1)); then the rows visiting node n are contiguous
+    (``node_rows``)."""
+    B, K, T = nodes.shape
+    first = (1 << (T - 1)) - 1
+    order = np.empty((K, B), np.int64)
+    starts = np.empty((K, (1 << (T - 1)) + 1), np.int64)
+    for k in range(K):
+        order[k], starts[k] = group_rows(nodes[:, k, T - 1] - first, 1 << (T - 1))
+    return order, starts
+
+
+@njit(inline="always", **JIT)
+def node_rows(n, levels, starts):
+    """(level of node n, s, e): after ``sort_by_deepest`` the rows that visit node n are
+    order[s:e] (their deepest nodes lie under n). starts: that tree's (2**(levels-1) + 1,)."""
+    t = 0
+    while (2 << t) - 1 <= n:
+        t += 1
+    below = levels - 1 - t
+    lo = (n - ((1 << t) - 1)) << below
+    return t, starts[lo], starts[lo + (1 << below)]

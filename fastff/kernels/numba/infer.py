@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .common import JIT, act, axpy, child, dot_plus, gemv_acc, group_tiles, like, taken_prob
+from .common import JIT, act, axpy, child, dot4, dot_plus, gather_gemv, gemv_acc, like, taken_prob
 
 
 # ----------------------------------------------------------------------------- NeuronTree
@@ -53,50 +53,28 @@ def nt_parallel(x, w_in, b_in, w_out, b_out, levels, code, out):
 
 
 @njit(parallel=True, **JIT)
-def _nt_prefix(x, w_in, b_in, k, split, acts, key):
-    """Throughput pass 1 for tree k: the first ``split`` levels of every row's walk; stores
-    their pre-activations in acts (B, split) and the node reached on level ``split`` in key (B,),
-    numbered within that level."""
-    for r in prange(x.shape[0]):
-        node = 0
-        for t in range(split):
-            a = dot_plus(x[r], w_in[k, node], b_in[k, node])
-            acts[r, t] = a
-            node = child(node, a)
-        key[r] = node - ((1 << split) - 1)
-
-
-@njit(parallel=True, **JIT)
-def _nt_suffix(x, w_in, b_in, w_out, k, split, levels, code, acts, order, tiles, out):
-    """Throughput pass 2 for tree k: rows grouped by their level-``split`` node (``order``,
-    ``tiles`` from ``group_tiles``) finish their walks one after another, so the subtree under
-    that node (its w_in and w_out rows) stays in L2 across the group. out (B, O) += tree k."""
-    for t in prange(tiles.shape[0]):
-        for m in range(tiles[t, 1], tiles[t, 2]):
+def nt_outputs(pre, nodes, w_out, b_out, code, order, tiles, out):
+    """out[r] = b_out + Σ_{k,t} act(pre[r, k, t]) · w_out[k, nodes[r, k, t]] (K·T weight rows per
+    row, four per pass over out[r]), in parallel over tiles [_, s, e] of ``order`` (rows grouped by
+    path: neighbours share weight rows). pre, nodes (B, K, T), w_out (K, M, O)."""
+    K, M, O = w_out.shape
+    T = pre.shape[2]
+    flat = w_out.reshape(K * M, O)
+    for i in prange(tiles.shape[0]):
+        h = np.empty(K * T, pre.dtype)
+        idx = np.empty(K * T, np.int64)
+        for m in range(tiles[i, 1], tiles[i, 2]):
             r = order[m]
+            for k in range(K):
+                for t in range(T):
+                    h[k * T + t] = act(pre[r, k, t], code)
+                    idx[k * T + t] = k * M + nodes[r, k, t]
             o = out[r]
-            node = 0
-            for u in range(levels):
-                a = acts[r, u] if u < split else dot_plus(x[r], w_in[k, node], b_in[k, node])
-                axpy(o, act(a, code), w_out[k, node])
-                node = child(node, a)
-
-
-@njit(**JIT)
-def nt_throughput(x, w_in, b_in, w_out, b_out, levels, split, tile, code, out):
-    """NeuronTree for large batches: per tree, route the top ``split`` levels, counting-sort
-    rows by the node reached there, then finish each group's walks back to back."""
-    for r in range(x.shape[0]):
-        if b_out.shape[0]:
-            out[r] = b_out
-        else:
-            out[r] = 0
-    acts = np.empty((x.shape[0], split), x.dtype)
-    key = np.empty(x.shape[0], np.int64)
-    for k in range(w_in.shape[0]):
-        _nt_prefix(x, w_in, b_in, k, split, acts, key)
-        order, tiles = group_tiles(key, 1 << split, tile)
-        _nt_suffix(x, w_in, b_in, w_out, k, split, levels, code, acts, order, tiles, out)
+            if b_out.shape[0]:
+                o[:] = b_out
+            else:
+                o[:] = 0
+            gather_gemv(o, h, flat, idx)
 
 
 # ----------------------------------------------------------------------------- FFF
@@ -149,26 +127,25 @@ def fff_parallel(x, node_w, node_b, depth, w1, b1, w2, b2, code, gated, out):
         _fff_row(x[r], node_w, node_b, depth, w1, b1, w2, b2, code, gated, h, out[r])
 
 
-@njit(parallel=True, **JIT)
-def fff_route(x, node_w, node_b, depth, gated, leaf, gate):
-    """leaf (B,), gate (B,) of every row (see ``_fff_descend``)."""
-    for r in prange(x.shape[0]):
-        leaf[r], gate[r] = _fff_descend(x[r], node_w, node_b, depth, gated)
+@njit(**JIT)
+def fff_reached(pre, nodes, n_nodes, gated, leaf, gate):
+    """From a descent (``common.route``: pre, nodes (B, 1, depth)): leaf (B,) and gate (B,) of
+    every row (see ``_fff_descend``)."""
+    depth = pre.shape[2]
+    for r in range(pre.shape[0]):
+        g = like(gate[0], 1.0)
+        if gated:
+            for t in range(depth):
+                g *= taken_prob(pre[r, 0, t])
+        gate[r] = g
+        leaf[r] = child(nodes[r, 0, depth - 1], pre[r, 0, depth - 1]) - n_nodes if depth else 0
 
 
 @njit(inline="always", **JIT)
 def _hidden4(x0, x1, x2, x3, w1t, b1, code, h):
     """h (4, H)[r, k] = act(x_r · w1t[k] + b1[k]) for four rows; each weight load feeds 4 FMAs."""
     for k in range(w1t.shape[0]):
-        w = w1t[k]
-        a0 = b1[k]
-        a1, a2, a3 = a0, a0, a0
-        for i in range(w.shape[0]):
-            wi = w[i]
-            a0 += x0[i] * wi
-            a1 += x1[i] * wi
-            a2 += x2[i] * wi
-            a3 += x3[i] * wi
+        a0, a1, a2, a3 = dot4(x0, x1, x2, x3, w1t[k], b1[k])
         h[0, k], h[1, k], h[2, k], h[3, k] = act(a0, code), act(a1, code), act(a2, code), act(a3, code)
 
 

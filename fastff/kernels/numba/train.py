@@ -1,106 +1,106 @@
 """numba kernels of conditional training (glue and autograd in ``fastff.kernels.cpu``): forward
 and backward touch only the weight rows a row uses.
 
-- ``walk``: sign-routed descent of K trees (FFF decision nodes: K = 1), with region-leak flips;
-  ``gather_combine`` / ``scatter_outer``: its backward (input and weight gradients).
-- ``nt_forward`` / ``nt_backward_rows``: the fused NeuronTree walk + activation + output, and the
-  per-row part of its backward; weight gradients via ``scatter_outer``.
+- Forward: the grouped descent ``common.route`` (NeuronTree, and FFF decision nodes as one
+  tree with region-leak flips) and ``infer.nt_outputs``: the inference kernels, which record
+  the visited nodes and pre-activations.
+- Backward, after one sort of each tree's rows by their deepest node (``common.sort_by_deepest``,
+  so every node's rows are contiguous): per row, ``path_dots`` (output gradient · the path's
+  w_out rows) and ``path_combine`` (input gradient from the path's w_in rows), four weight rows
+  per pass over the row; per node, ``top_partials`` / ``deep_outer`` (weight gradients).
 - ``leaf_forward`` / ``leaf_backward``: FFF leaves on their grouped rows as segment GEMMs.
 
-Weight gradients are accumulated per table row after a counting sort of the (row, table-row)
-pairs, so each thread owns whole gradient rows (no races, no (B, S, F) temporaries).
+Each weight-gradient row is owned by one thread: no races, no (B, S, F) temporaries.
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
 
-from .common import act_grad, child, child_flipped
+from .common import act_grad, axpy, dot4, dot_plus, first_child, gather_gemv, node_rows, segment_axpy
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def scatter_outer(h, v, rows, starts, out):
-    """out[j] = Σ_{p in starts[j]:starts[j+1]} h[p] · v[rows[p]] for every table row j (pairs
-    grouped by j; each thread owns whole out rows, accumulated in L1)."""
-    for j in prange(out.shape[0]):
-        out[j, :] = 0.0
-        for p in range(starts[j], starts[j + 1]):
-            r = rows[p]
-            c = h[p]
-            for f in range(v.shape[1]):
-                out[j, f] += c * v[r, f]
+def path_dots(v, w, idx, order, out):
+    """out[r, s] = v[r] · w[idx[r, s]] (v (B, F), w (R, F), idx, out (B, S)): a row's dot products
+    with the weight rows of its path, four weight rows per pass over v[r]; rows taken in
+    ``order`` (neighbours share weight rows)."""
+    S = idx.shape[1]
+    zero = np.zeros(1, v.dtype)[0]
+    for m in prange(order.shape[0]):
+        r = order[m]
+        vr, ir = v[r], idx[r]
+        s = 0
+        while s + 4 <= S:
+            out[r, s], out[r, s + 1], out[r, s + 2], out[r, s + 3] = dot4(w[ir[s]], w[ir[s + 1]], w[ir[s + 2]],
+                                                                          w[ir[s + 3]], vr, zero)
+            s += 4
+        for q in range(s, S):
+            out[r, q] = dot_plus(vr, w[ir[q]], zero)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def walk(x, w, b, flip, nodes, pre):
-    """Sign-routed descent of K trees. x (B,F), w (K,M,F), b (K,M), flip (B,K,T) uint8 ->
-    nodes, pre (B,K,T); a flipped level takes the other child."""
-    for r in prange(x.shape[0]):
-        for k in range(w.shape[0]):
-            n = 0
-            for t in range(flip.shape[2]):
-                acc = b[k, n]
-                for f in range(x.shape[1]):
-                    acc += x[r, f] * w[k, n, f]
-                nodes[r, k, t] = n
-                pre[r, k, t] = acc
-                n = child_flipped(n, acc, flip[r, k, t])
+def path_combine(c, w, idx, order, out):
+    """out[r] = Σ_s c[r, s] · w[idx[r, s]] (input gradient through a row's visited weight rows;
+    c, idx (B, S), w (R, F)), rows taken in ``order`` (neighbours share weight rows)."""
+    for m in prange(order.shape[0]):
+        r = order[m]
+        out[r, :] = 0
+        gather_gemv(out[r], c[r], w, idx[r])
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def gather_combine(h, w, idx, out):
-    """out[r] = Σ_s h[r, s] · w[idx[r, s]]. h (B,S), w (R,F), idx (B,S) -> out (B,F)."""
-    for r in prange(h.shape[0]):
-        out[r, :] = 0.0
-        for s in range(idx.shape[1]):
-            j = idx[r, s]
-            c = h[r, s]
-            for f in range(w.shape[1]):
-                out[r, f] += c * w[j, f]
+def nt_act_grads(pre, gh, code, da, h):
+    """da = gh · act'(pre), h = act(pre), elementwise (B, K, T)."""
+    for r in prange(pre.shape[0]):
+        for k in range(pre.shape[1]):
+            for t in range(pre.shape[2]):
+                v, dv = act_grad(pre[r, k, t], code)
+                h[r, k, t] = v
+                da[r, k, t] = gh[r, k, t] * dv
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def nt_forward(x, w_in, b_in, w_out, b_out, code, order, t0, t1, nodes, pre, y):
-    """Fused NeuronTree forward over levels [t0, t1): walk, activation and output, rows taken
-    in ``order``. x (B,I), w_in (K,M,I), b_in (K,M), w_out (K,M,O), b_out (O,) -> nodes,
-    pre (B,K,T), y (B,O); y is initialised to b_out when t0 == 0, else continued from the node
-    reached after level t0-1."""
-    for i in prange(order.shape[0]):
-        r = order[i]
-        if t0 == 0:
-            y[r, :] = b_out
-        for k in range(w_in.shape[0]):
-            n = 0 if t0 == 0 else child(nodes[r, k, t0 - 1], pre[r, k, t0 - 1])
-            for t in range(t0, t1):
-                acc = b_in[k, n]
-                for f in range(x.shape[1]):
-                    acc += x[r, f] * w_in[k, n, f]
-                nodes[r, k, t] = n
-                pre[r, k, t] = acc
-                h, _ = act_grad(acc, code)
-                for o in range(y.shape[1]):
-                    y[r, o] += h * w_out[k, n, o]
-                n = child(n, acc)
+def top_partials(c, v, nodes, order, split, chunk, partial, partial_b):
+    """Weight gradients of the nodes above level ``split`` (the ones with many rows), as partial
+    sums: chunk i of ``chunk`` sorted rows adds c[r, k, t] · v[r] into partial[i, k, nodes[r, k, t]]
+    (and c into partial_b) for t < split, reading each row once for all these levels.
+    c, nodes (B, K, T), v (B, F), partial (C, K, 2**split - 1, F), partial_b (C, K, 2**split - 1)."""
+    for i in prange(partial.shape[0]):
+        partial[i] = 0
+        partial_b[i] = 0
+        for k in range(c.shape[1]):
+            for m in range(i * chunk, min((i + 1) * chunk, order.shape[1])):
+                r = order[k, m]
+                for t in range(split):
+                    n = nodes[r, k, t]
+                    axpy(partial[i, k, n], c[r, k, t], v[r])
+                    partial_b[i, k, n] += c[r, k, t]
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def nt_backward_rows(x, g, w_in, w_out, code, nodes, pre, gx, da, h, zero):
-    """Per row: gh = g·w_out[node], da = gh·act'(pre), gx = Σ da·w_in[node]; also h = act(pre).
-    ``zero``: a 0 of the arrays' dtype (accumulators stay in that precision)."""
-    for r in prange(x.shape[0]):
-        gx[r, :] = 0.0
-        for k in range(w_in.shape[0]):
-            for t in range(nodes.shape[2]):
-                n = nodes[r, k, t]
-                gh = zero
-                for o in range(g.shape[1]):
-                    gh += g[r, o] * w_out[k, n, o]
-                hv, dv = act_grad(pre[r, k, t], code)
-                d = gh * dv
-                h[r, k, t] = hv
-                da[r, k, t] = d
-                for f in range(x.shape[1]):
-                    gx[r, f] += d * w_in[k, n, f]
+def deep_outer(c, v, order, starts, split, gw, gb):
+    """gw[k, n] = Σ_{r visits n} c[r, k, t_n] · v[r] and gb[k, n] = Σ c for the nodes on levels
+    >= ``split``, in parallel over the subtrees under level ``split``: a subtree's rows are
+    contiguous in ``order`` and stay in cache while its nodes are done in turn. A node no row
+    visits gets zeros. c (B, K, T), v (B, F), gw (K, M, F), gb (K, M)."""
+    K, T = c.shape[1], c.shape[2]
+    groups = 1 << split
+    for kg in prange(K * groups):
+        k = kg // groups
+        rows = order[k]
+        cs = np.empty(rows.shape[0], c.dtype)
+        first = kg % groups + groups - 1
+        for t in range(split, T):
+            for n in range(first, first + (1 << (t - split))):
+                _, s, e = node_rows(n, T, starts[k])
+                total = np.zeros(1, c.dtype)[0]
+                for m in range(s, e):
+                    cs[m] = c[rows[m], k, t]
+                    total += cs[m]
+                gb[k, n] = total
+                segment_axpy(gw[k, n], cs, v, rows, s, e)
+            first = first_child(first)
 
 
 @njit(fastmath=True, cache=True)
