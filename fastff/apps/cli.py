@@ -14,6 +14,7 @@ COMMANDS = {
     "bench": ("fastff.apps.bench", "time FFF / NeuronTree inference against dense and MoE baselines"),
     "train-bench": ("fastff.apps.train_bench", "time training steps (forward + backward + optimiser) against dense"),
     "convert-minilm": ("fastff.apps.convert_minilm", "carve + distil FFF feedforwards into all-MiniLM-L6-v2; quality and speed report"),
+    "lm": ("fastff.apps.lm", "character-level GPT with dense or tree feedforwards: train, generate, bench"),
 }
 
 

@@ -8,6 +8,10 @@ from .._checks import CheckedInput, check_choice, check_input, check_int
 from ..functional import ACTIVATIONS, get_activation
 
 
+# What a dynamically quantized fc1 (torch.ao quantize_dynamic: packed int8 weights) takes as input.
+_FLOAT32_CPU = torch.empty(0)
+
+
 class DenseFF(CheckedInput, nn.Module):
     """``y = W2 act(W1 x + b1) + b2``; x (..., in_features) -> (..., out_features)."""
 
@@ -31,7 +35,8 @@ class DenseFF(CheckedInput, nn.Module):
         return self.hidden
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(self, x, self.in_features, self.fc1.weight)
+        weight = self.fc1.weight
+        check_input(self, x, self.in_features, weight if isinstance(weight, torch.Tensor) else _FLOAT32_CPU)
         return self.fc2(get_activation(self.activation)(self.fc1(x)))
 
     def extra_repr(self) -> str:

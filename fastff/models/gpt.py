@@ -139,8 +139,8 @@ class CausalSelfAttention(nn.Module):
         else:
             past = cache.length
             k, v = cache.append(layer, k, v)                                  # (B, H, past + T, D)
-            # query i (absolute position past + i) sees keys 0 .. past + i
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            # query i (absolute position past + i) sees keys 0 .. past + i; one new token sees all
+            mask = None if T == 1 else torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         y = y.transpose(1, 2).reshape(B, T, C)                                # (B, T, C)
         return self.resid_drop(self.proj(y))
@@ -262,21 +262,25 @@ class GPT(nn.Module):
         return logits
 
     def generate(self, idx: torch.Tensor, new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, sliding: bool = False) -> torch.Tensor:
         """Continue prompts idx (B, T0) by ``new_tokens`` sampled tokens -> (B, T0 + new_tokens).
 
         Runs in eval mode (the previous mode is restored) without autograd, with a KV cache.
         ``temperature`` 0 picks the most likely token; ``top_k`` samples among the k most likely.
-        ``T0 + new_tokens`` must fit in the context (nothing is cropped).
+        ``T0 + new_tokens`` must fit in the context, unless ``sliding``: then, whenever the cache
+        is full, the last ``context // 2`` tokens are prefilled into a fresh cache and decoding
+        continues (the model sees at most ``context`` tokens, as in training). The prompt itself
+        must fit in the context either way.
         """
         self._check_tokens(idx, "prompt")
         if idx.dim() != 2:
             raise ValueError(f"prompt must have shape (B, T0), got {tuple(idx.shape)}")
         new_tokens = check_int("new_tokens", new_tokens, 0)
         T0, context = idx.shape[1], self.cfg.context
-        if T0 + new_tokens > context:
+        if T0 > context or (T0 + new_tokens > context and not sliding):
             raise ValueError(f"prompt of {T0} tokens + {new_tokens} new tokens exceeds the context of {context}; "
-                             f"ask for at most {max(0, context - T0)} new tokens or shorten the prompt")
+                             f"ask for at most {max(0, context - T0)} new tokens, shorten the prompt, or slide the "
+                             f"context window (sliding=True)")
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
                 or not math.isfinite(temperature) or temperature < 0:
             raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
@@ -287,14 +291,19 @@ class GPT(nn.Module):
         try:
             with torch.inference_mode():
                 cache = self.new_cache(idx.shape[0])
-                out = [idx]
+                out = idx
                 logits = self.forward_step(idx, cache)[:, -1]                  # (B, V)
                 for step in range(new_tokens):
                     token = _sample(logits, temperature, top_k, generator)     # (B, 1)
-                    out.append(token)
-                    if step + 1 < new_tokens:
+                    out = torch.cat((out, token), dim=1)
+                    if step + 1 == new_tokens:
+                        break
+                    if cache.length == context:                                # full: keep the recent half
+                        cache = self.new_cache(idx.shape[0])
+                        logits = self.forward_step(out[:, -(context // 2):], cache)[:, -1]
+                    else:
                         logits = self.forward_step(token, cache)[:, -1]
-                return torch.cat(out, dim=1)
+                return out
         finally:
             self.train(was_training)
 

@@ -1,0 +1,317 @@
+"""`fastff lm train|generate|bench|experiment`: character-level GPTs whose feedforwards are dense or
+trees (``fastff.models.gpt``), trained on Shakespeare's complete works (or any text), served with
+fastff's kernels, and timed against dense float32 and int8 models.
+
+- ``train``: one run (``fastff.training.lm.fit``) -> a run directory; progress bar with tokens/s and
+  validation loss; selection on validation only, test evaluated once.
+- ``generate``: batch-1 decoding with the KV cache in eval mode; prints the text and tokens/s.
+- ``bench``: end-to-end inference timing of untrained models at one shape (default GPT-2-small:
+  12 layers, dim 768, 12 heads), prefill and per-token generation, every variant interleaved in
+  one process (``timing.median_times``), with dense int8 (``quantize_dynamic``) baselines and the
+  Amdahl ceiling (the same model without feedforwards). ``--train`` times training steps instead.
+- ``experiment``: the grid behind docs/lm.md (``fastff.apps.lm_experiment``).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+import warnings
+
+import torch
+from torch import nn
+
+from ..data.text import load_shakespeare, load_text, split_text
+from ..layers import FFN_KINDS
+from ..models.gpt import GPT, GPTConfig
+from ..threads import set_threads
+from ..training.lm import LMTrainConfig, fit, load_run, save_run
+from .timing import median_times
+
+BENCH_FFNS = ("dense", "dense-int8", "neuron-tree", "neuron-tree-int8", "fff", "moe", "no-ffn")
+
+
+# ----------------------------------------------------------------------------- arguments
+
+def add_model_arguments(p: argparse.ArgumentParser, layers: int, dim: int, heads: int, context: int) -> None:
+    """The model shape and feedforward options shared by ``train`` and ``bench``."""
+    p.add_argument("--layers", type=int, default=layers)
+    p.add_argument("--dim", type=int, default=dim)
+    p.add_argument("--heads", type=int, default=heads)
+    p.add_argument("--context", type=int, default=context, help="block size (tokens)")
+    p.add_argument("--width", type=int, default=None,
+                   help="feedforward training width (default 4*dim; neuron-tree: from --depth/--trees)")
+    p.add_argument("--leaf", type=int, default=None,
+                   help="FFF leaf width (default: the smallest >= 8 that leaves a power-of-two number of leaves) / "
+                        "MoE expert width (default: width/16, 16 experts)")
+    p.add_argument("--trees", type=int, default=1, help="neuron-tree: parallel trees K")
+    p.add_argument("--depth", type=int, default=None, help="neuron-tree depth D (trees KxD); default from --width")
+    p.add_argument("--top-k", type=int, default=1, help="MoE experts per token")
+    p.add_argument("--train-mode", choices=("soft", "hard_path"), default="hard_path",
+                   help="FFF training forward (hard_path: one leaf per token, the function eval computes)")
+    p.add_argument("--master-leaf", choices=("none", "scalar", "token"), default="none", help="FFF master leaf")
+    p.add_argument("--activation", default="gelu")
+
+
+def default_leaf(ffn: str, width: int) -> int:
+    """FFF: the smallest leaf width >= 8 with ``width / leaf`` a power of two (e.g. 3072 -> 12,
+    1024 -> 8); MoE: ``width / 16`` (16 experts)."""
+    if ffn == "moe":
+        return max(1, width // 16)
+    for leaf in range(8, width + 1):
+        ratio = width // leaf
+        if width % leaf == 0 and ratio & (ratio - 1) == 0:
+            return leaf
+    return width
+
+
+def ffn_fields(args, ffn: str) -> dict:
+    """GPTConfig fields of the feedforward ``ffn`` from the parsed arguments."""
+    width = args.width or 4 * args.dim
+    leaf = args.leaf or default_leaf(ffn, width)
+    fields = dict(ffn=ffn, ffn_width=width, leaf=leaf, trees=args.trees, top_k=args.top_k, activation=args.activation)
+    if ffn == "neuron-tree" and args.depth is not None:
+        fields.update(depth=args.depth, ffn_width=args.trees * ((2 << args.depth) - 1))
+    if ffn == "fff":
+        fields["ffn_options"] = {"train_mode": args.train_mode,
+                                 **({} if args.master_leaf == "none" else {"master_leaf": args.master_leaf})}
+    return fields
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="lm_command", required=True, metavar="{train,generate,bench,experiment}")
+
+    t = sub.add_parser("train", help="train one GPT; selection on validation, test once")
+    t.add_argument("--ffn", choices=FFN_KINDS, default="dense")
+    add_model_arguments(t, layers=4, dim=256, heads=4, context=128)
+    t.add_argument("--dropout", type=float, default=0.0)
+    d = LMTrainConfig()
+    t.add_argument("--steps", type=int, default=d.steps)
+    t.add_argument("--batch", type=int, default=d.batch_size, help="sequences per step")
+    t.add_argument("--lr", type=float, default=d.lr)
+    t.add_argument("--ffn-lr-mult", type=float, default=d.ffn_lr_mult, help="feedforward lr = lr * this")
+    t.add_argument("--warmup", type=int, default=d.warmup)
+    t.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    t.add_argument("--hardening", type=float, default=d.hardening, help="FFF hardening-loss weight")
+    t.add_argument("--balance", type=float, default=d.balance, help="FFF / MoE load-balancing alpha")
+    t.add_argument("--eval-every", type=int, default=d.eval_every)
+    t.add_argument("--eval-batches", type=int, default=d.eval_batches)
+    t.add_argument("--seed", type=int, default=d.seed)
+    t.add_argument("--text", default=None, help="UTF-8 file or directory of .txt files (default: Shakespeare)")
+    t.add_argument("--threads", type=int, default=None, help="torch and numba threads")
+    t.add_argument("--out", required=True, help="run directory to write")
+    t.add_argument("--json", action="store_true", help="print the run's summary as JSON")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    g = sub.add_parser("generate", help="continue a prompt with a trained run (batch 1, KV cache)")
+    g.add_argument("run", help="run directory written by `fastff lm train`")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--tokens", type=int, default=200, help="characters to generate")
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--sliding", action="store_true",
+                   help="allow prompt + tokens beyond the context: re-prefill the last context/2 tokens when full")
+    g.add_argument("--threads", type=int, default=None)
+    g.add_argument("--json", action="store_true")
+
+    b = sub.add_parser("bench", help="end-to-end inference (or --train step) timing vs dense and int8")
+    add_model_arguments(b, layers=12, dim=768, heads=12, context=512)
+    b.set_defaults(depth=11)                       # UltraFastBERT's 1x11: 4095 neurons, 12 per token
+    b.add_argument("--vocab", type=int, default=84, help="vocabulary size (84 = the Shakespeare characters)")
+    b.add_argument("--ffns", default=",".join(BENCH_FFNS), help=f"comma-separated subset of {','.join(BENCH_FFNS)}")
+    b.add_argument("--batches", default="1,8", help="sequences per call")
+    b.add_argument("--prompt-tokens", type=int, default=512, help="prefill length")
+    b.add_argument("--new-tokens", type=int, default=16, help="tokens decoded per timed generation call")
+    b.add_argument("--repeats", type=int, default=5)
+    b.add_argument("--train", action="store_true",
+                   help="time training steps (fwd + bwd + AdamW) at --batches sequences of --context tokens")
+    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--json", action="store_true", help="JSON Lines, one object per row")
+
+    e = sub.add_parser("experiment", help="the grid behind docs/lm.md")
+    from .lm_experiment import add_arguments as add_experiment_arguments
+    add_experiment_arguments(e)
+
+
+def run(args) -> int:
+    if getattr(args, "threads", None):
+        set_threads(args.threads)
+    if args.lm_command == "train":
+        return run_train(args)
+    if args.lm_command == "generate":
+        return run_generate(args)
+    if args.lm_command == "bench":
+        return run_bench(args)
+    from .lm_experiment import run as run_experiment
+    return run_experiment(args)
+
+
+# ----------------------------------------------------------------------------- train / generate
+
+def run_train(args) -> int:
+    text = load_shakespeare() if args.text is None else load_text(args.text)
+    splits = split_text(text)
+    model_cfg = GPTConfig(vocab_size=len(splits.vocab), context=args.context, layers=args.layers, heads=args.heads,
+                          dim=args.dim, dropout=args.dropout, **ffn_fields(args, args.ffn))
+    cfg = LMTrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, ffn_lr_mult=args.ffn_lr_mult,
+                        warmup=min(args.warmup, args.steps - 1), weight_decay=args.weight_decay,
+                        hardening=args.hardening, balance=args.balance, eval_every=args.eval_every,
+                        eval_batches=args.eval_batches, seed=args.seed)
+    model, result = fit(model_cfg, cfg, splits, progress=not args.quiet)
+    out = save_run(args.out, model, result)
+    summary = {"run": str(out), "ffn": args.ffn, "val_loss": result.val_loss, "test_loss": result.test_loss,
+               "best_step": result.best_step, "steps": cfg.steps, "train_seconds": result.train_seconds,
+               "ms_per_step": result.ms_per_step, "tokens_per_s": result.tokens_per_s,
+               "neurons_per_token": result.ffn_neurons_per_token // model_cfg.layers,
+               "training_width": result.ffn_training_width // model_cfg.layers}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"{out}: val {result.val_loss:.4f} (step {result.best_step}/{cfg.steps})  test {result.test_loss:.4f}  "
+              f"{result.ms_per_step:.0f} ms/step  {result.tokens_per_s:.0f} tokens/s  "
+              f"FFN neurons/token {summary['neurons_per_token']} of {summary['training_width']}")
+    return 0
+
+
+def run_generate(args) -> int:
+    model, vocab, _ = load_run(args.run)
+    if not args.prompt:
+        raise ValueError("--prompt is empty; give at least one character to continue")
+    idx = vocab.encode(args.prompt)[None]                               # (1, T0); unknown characters raise
+    model.generate(idx, 1, generator=torch.Generator().manual_seed(args.seed))   # warm-up: kernels load once
+    gen = torch.Generator().manual_seed(args.seed)
+    start = time.perf_counter()
+    out = model.generate(idx, args.tokens, temperature=args.temperature, top_k=args.top_k, generator=gen,
+                         sliding=args.sliding)
+    seconds = time.perf_counter() - start
+    text = vocab.decode(out[0])
+    if args.json:
+        print(json.dumps({"text": text, "tokens": args.tokens, "seconds": seconds,
+                          "tokens_per_s": args.tokens / seconds}))
+    else:
+        print(text)
+        print(f"\n[{args.tokens} tokens in {seconds:.2f} s: {args.tokens / seconds:.0f} tokens/s, batch 1, "
+              f"KV cache, {torch.get_num_threads()} threads]", file=sys.stderr)
+    return 0
+
+
+# ----------------------------------------------------------------------------- bench
+
+class NoFFN(nn.Module):
+    """A feedforward that adds nothing: the model's time outside its feedforwards (Amdahl ceiling)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+
+def int8(model: nn.Module) -> nn.Module:
+    """A copy with every ``nn.Linear`` (attention, dense feedforwards, head) dynamically quantized to
+    int8 (``torch.ao.quantization.quantize_dynamic``): what a CPU user picks today. fastff's tree
+    layers are not ``nn.Linear`` and stay float32."""
+    with warnings.catch_warnings():   # torch announces the deprecation of its quantized tensors on every call
+        warnings.filterwarnings("ignore", message="torch.quantize_per_tensor")
+        return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
+
+
+def bench_models(args, names: list[str]) -> dict[str, nn.Module]:
+    """The untrained models of ``fastff lm bench``, eval mode, one per variant name."""
+    base = dict(vocab_size=args.vocab, context=args.context, layers=args.layers, heads=args.heads, dim=args.dim)
+    built = {}
+    for name in names:
+        kind = name.removesuffix("-int8")
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(**base, **ffn_fields(args, "dense" if kind == "no-ffn" else kind))).eval()
+        if kind == "no-ffn":
+            for block in model.blocks:
+                block.ffn = NoFFN()
+        built[name] = int8(model) if name.endswith("-int8") else model
+    return built
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def bench_rows(args) -> list[dict]:
+    """Prefill and per-token generation rows of every variant (or training-step rows with --train)."""
+    names = [n.strip() for n in args.ffns.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(BENCH_FFNS))
+    if unknown or not names:
+        raise ValueError(f"--ffns must name some of {', '.join(BENCH_FFNS)}, got {args.ffns!r}")
+    if not args.train and args.prompt_tokens + args.new_tokens > args.context:
+        raise ValueError(f"--prompt-tokens + --new-tokens must fit in --context {args.context}")
+    models = bench_models(args, names)
+    log = lambda msg: print(f"[lm bench] {msg}", file=sys.stderr, flush=True)
+    rows = []
+    for batch in _ints(args.batches):
+        gen = torch.Generator().manual_seed(batch)
+        if args.train:
+            rows += _train_rows(models, batch, args, gen, log)
+            continue
+        prompt = torch.randint(args.vocab, (batch, args.prompt_tokens), generator=gen)
+        log(f"prefill {batch}x{args.prompt_tokens}: {', '.join(models)}")
+        with torch.inference_mode():
+            times = median_times({n: (lambda m=m: m.forward_step(prompt, m.new_cache(batch))) for n, m in models.items()},
+                                 args.repeats, warmup=1)
+        rows += _rows(times, "prefill", batch, batch * args.prompt_tokens)
+        log(f"generate {batch}x{args.new_tokens} after {args.prompt_tokens}")
+        caches, nxt = {}, torch.randint(args.vocab, (batch, 1), generator=gen)
+
+        def prefill(name, model):
+            caches[name] = model.new_cache(batch)
+            model.forward_step(prompt, caches[name])
+
+        def decode(name, model):
+            for _ in range(args.new_tokens):
+                model.forward_step(nxt, caches[name])
+
+        with torch.inference_mode():
+            times = median_times({n: (lambda n=n, m=m: decode(n, m)) for n, m in models.items()}, args.repeats,
+                                 warmup=1, setup={n: (lambda n=n, m=m: prefill(n, m)) for n, m in models.items()})
+        rows += _rows({n: t / args.new_tokens for n, t in times.items()}, "generate", batch, batch)
+    return rows
+
+
+def _train_rows(models: dict, batch: int, args, gen, log) -> list[dict]:
+    """Median fwd + bwd + AdamW step time of each (float32) variant on batch x context tokens."""
+    trainable = {n: m.train() for n, m in models.items() if not n.endswith("-int8")}
+    opts = {n: torch.optim.AdamW(m.parameters(), lr=1e-4) for n, m in trainable.items()}
+    x = torch.randint(args.vocab, (batch, args.context), generator=gen)
+    y = torch.randint(args.vocab, (batch, args.context), generator=gen)
+
+    def step(name):
+        _, loss = trainable[name](x, y)
+        opts[name].zero_grad(set_to_none=True)
+        loss.backward()
+        opts[name].step()
+
+    log(f"train step {batch}x{args.context}: {', '.join(trainable)}")
+    times = median_times({n: (lambda n=n: step(n)) for n in trainable}, args.repeats, warmup=2)
+    return _rows(times, "train", batch, batch * args.context)
+
+
+def _rows(times: dict[str, float], phase: str, batch: int, tokens: int) -> list[dict]:
+    dense = times.get("dense")
+    return [{"ffn": name, "phase": phase, "batch": batch, "tokens": tokens, "ms": 1e3 * t,
+             "tokens_per_s": tokens / t, "speedup_vs_dense": None if dense is None else dense / t,
+             "threads": torch.get_num_threads()} for name, t in times.items()]
+
+
+def run_bench(args) -> int:
+    rows = bench_rows(args)
+    if args.json:
+        print("\n".join(json.dumps(r) for r in rows))
+        return 0
+    shape = (f"{args.layers} layers, dim {args.dim}, {args.heads} heads, vocab {args.vocab}, feedforward "
+             f"width {args.width or 4 * args.dim}")
+    print(f"# {shape}; threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}")
+    print(f"{'ffn':18} {'phase':9} {'batch':>5} {'tokens':>7} {'ms':>10} {'tokens/s':>10} {'vs dense':>9}")
+    for r in rows:
+        x = "-" if r["speedup_vs_dense"] is None else f"{r['speedup_vs_dense']:.2f}x"
+        print(f"{r['ffn']:18} {r['phase']:9} {r['batch']:>5} {r['tokens']:>7} {r['ms']:>10.2f} "
+              f"{r['tokens_per_s']:>10.0f} {x:>9}")
+    return 0

@@ -1,0 +1,324 @@
+"""`fastff lm experiment`: dense vs tree feedforwards in a character-level GPT, the grid behind
+docs/lm.md. Runs go to ``<runs>/<stage>_<variant>_s<seed>/``; a run whose metrics.json exists is
+skipped, so an interrupted grid resumes where it stopped.
+
+Stages (all on Shakespeare's complete works, the same model shape and recipe):
+
+1. ``tune``: the learning rate of each family (``TUNE_FAMILIES``), picked by validation loss after
+   ``--tune-steps`` steps among ``--lrs`` (seed 0);
+2. ``steptime``: training-step times of every variant at the experiment shape, interleaved in one
+   process (``fastff lm bench --train``), saved to ``steptime.json``;
+3. ``steps``: every variant for ``--steps`` steps (equal steps), ``--seeds`` seeds for the main rows
+   (``MAIN``), seed 0 for the others;
+4. ``time``: equal wall-clock: every variant trains for as many steps as fit in the dense model's
+   ``--steps`` steps, by the step times of stage 2 (dense itself: its ``steps`` runs);
+5. ``ablation``: neuron-tree 1x11 variations (``ABLATIONS``) at ``--steps`` steps, seed 0.
+
+Then the report: docs/results/lm.md, lm.json (one object per run) and plots.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from ..data.text import load_shakespeare, load_text, split_text
+from ..models.gpt import GPT, GPTConfig
+from ..training.lm import LMTrainConfig, fit, save_run
+from .lm import NoFFN
+from .timing import median_times
+
+# name -> (family, GPTConfig feedforward fields, LMTrainConfig overrides)
+VARIANTS = {
+    "dense": ("dense", dict(ffn="dense", ffn_width=1024), {}),
+    "dense-small": ("dense-small", dict(ffn="dense", ffn_width=12), {}),
+    "neuron-tree-1x11": ("neuron-tree", dict(ffn="neuron-tree", depth=11, ffn_width=4095), {}),
+    "neuron-tree-1x10": ("neuron-tree", dict(ffn="neuron-tree", depth=10, ffn_width=2047), {}),
+    "neuron-tree-4x8": ("neuron-tree", dict(ffn="neuron-tree", trees=4, depth=8, ffn_width=2044), {}),
+    "fff": ("fff", dict(ffn="fff", ffn_width=1024, leaf=8, ffn_options={"train_mode": "hard_path"}),
+            dict(balance=0.01)),
+    "moe": ("moe", dict(ffn="moe", ffn_width=1024, leaf=64, top_k=1), dict(balance=0.01)),
+}
+MAIN = ("dense", "dense-small", "neuron-tree-1x11")
+TUNE_FAMILIES = {"dense": "dense", "dense-small": "dense-small", "neuron-tree": "neuron-tree-1x11",
+                 "fff": "fff", "moe": "moe"}
+# neuron-tree 1x11 variations: name -> (feedforward fields, training overrides)
+ABLATIONS = {
+    "ffn-lr-x3": ({}, dict(ffn_lr_mult=3.0)),
+    "ffn-lr-x10": ({}, dict(ffn_lr_mult=10.0)),
+    "2x10": (dict(trees=2, depth=10, ffn_width=4094), {}),
+    "long-warmup": ({}, dict(warmup=300)),
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--context", type=int, default=128)
+    p.add_argument("--text", default=None, help="UTF-8 file or directory (default: Shakespeare's complete works)")
+    p.add_argument("--steps", type=int, default=600, help="training steps of the equal-steps runs")
+    p.add_argument("--seeds", type=int, default=3, help="seeds of the main rows")
+    p.add_argument("--tune-steps", type=int, default=300, help="steps of the learning-rate search runs")
+    p.add_argument("--lrs", default="1e-3,2e-3,4e-3", help="learning rates searched per family")
+    p.add_argument("--batch", type=int, default=16, help="sequences per step")
+    p.add_argument("--stages", default="tune,steptime,steps,time,ablation",
+                   help="comma-separated stages to run (the report always covers every finished run)")
+    p.add_argument("--only", default=None, help="comma-separated variant names: run only these")
+    p.add_argument("--runs", default="runs/lm", help="parent directory of the run directories")
+    p.add_argument("--results", default="docs/results", help="where lm.md, lm.json and the plots go")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quiet", action="store_true")
+
+
+def _shape(args) -> dict:
+    return dict(layers=args.layers, dim=args.dim, heads=args.heads, context=args.context)
+
+
+def _variant(name: str) -> tuple[str, dict, dict]:
+    """(family, feedforward fields, training overrides) of a variant or an ablation
+    (``ablation:<name>``, a variation of neuron-tree 1x11)."""
+    if name.startswith("ablation:"):
+        family, fields, train = VARIANTS["neuron-tree-1x11"]
+        extra_fields, extra_train = ABLATIONS[name.split(":", 1)[1]]
+        return family, fields | extra_fields, train | extra_train
+    return VARIANTS[name]
+
+
+class Grid:
+    """Runs one stage after another in ``root``, skipping finished runs."""
+
+    def __init__(self, args, splits):
+        self.args, self.splits, self.root = args, splits, Path(args.runs)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def model_cfg(self, fields: dict) -> GPTConfig:
+        return GPTConfig(vocab_size=len(self.splits.vocab), **_shape(self.args), **fields)
+
+    def train(self, run_name: str, variant: str, steps: int, seed: int, lr: float) -> dict:
+        """Train (or read back) one run; returns its metrics."""
+        out = self.root / run_name
+        if (out / "metrics.json").exists():
+            return json.loads((out / "metrics.json").read_text())
+        family, fields, overrides = _variant(variant)
+        options = dict(warmup=min(100, steps // 10), eval_every=max(1, steps // 10)) | overrides
+        cfg = LMTrainConfig(steps=steps, batch_size=self.args.batch, lr=lr, seed=seed, **options)
+        model, result = fit(self.model_cfg(fields), cfg, self.splits, progress=not self.args.quiet)
+        save_run(out, model, result)
+        (out / "variant.json").write_text(json.dumps({"variant": variant, "family": family, "stage": run_name.split("_")[0]}))
+        print(f"{run_name}: val {result.val_loss:.4f} test {result.test_loss:.4f} ({result.train_seconds:.0f} s, "
+              f"{result.ms_per_step:.0f} ms/step)", flush=True)
+        return json.loads((out / "metrics.json").read_text())
+
+    def tuned_lr(self, family: str) -> float:
+        """The searched lr with the lowest validation loss for ``family`` (tune stage runs)."""
+        best = min((self.train(f"tune_{TUNE_FAMILIES[family]}_lr{lr:g}_s0", TUNE_FAMILIES[family],
+                               self.args.tune_steps, 0, lr)["val_loss"], lr) for lr in _floats(self.args.lrs))
+        return best[1]
+
+    def step_times(self, names: list[str]) -> dict[str, float]:
+        """Median training-step seconds of the variants ``names`` and of the model without feedforwards,
+        interleaved in one process (cached in steptime.json, which must then hold every name)."""
+        path = self.root / "steptime.json"
+        if path.exists():
+            return json.loads(path.read_text())["seconds"]
+        models, opts = {}, {}
+        for name in [*names, "no-ffn"]:
+            torch.manual_seed(0)
+            model = GPT(self.model_cfg(_variant("dense" if name == "no-ffn" else name)[1])).train()
+            if name == "no-ffn":
+                for block in model.blocks:
+                    block.ffn = NoFFN()
+            models[name] = model
+            opts[name] = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        x = torch.randint(len(self.splits.vocab), (self.args.batch, self.args.context),
+                          generator=torch.Generator().manual_seed(0))
+
+        def step(name):
+            _, loss = models[name](x, x)
+            opts[name].zero_grad(set_to_none=True)
+            loss.backward()
+            opts[name].step()
+
+        seconds = median_times({n: (lambda n=n: step(n)) for n in models}, 7, warmup=2)
+        path.write_text(json.dumps({"seconds": seconds, "threads": torch.get_num_threads(),
+                                    "load_average": os.getloadavg()[0], "batch": self.args.batch}, indent=1))
+        return seconds
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def run(args) -> int:
+    splits = split_text(load_shakespeare() if args.text is None else load_text(args.text))
+    grid = Grid(args, splits)
+    stages = set(args.stages.split(","))
+    names = [n for n in VARIANTS if not args.only or n in args.only.split(",")]
+    lrs = {}
+
+    def lr_of(variant: str) -> float:
+        family = _variant(variant)[0]
+        if family not in lrs:
+            lrs[family] = grid.tuned_lr(family) if "tune" in stages else _read_tuned(grid.root, family)
+        return lrs[family]
+
+    for name in names:
+        lr_of(name)
+    times = grid.step_times(sorted({"dense", *names})) if "steptime" in stages or "time" in stages else None
+    if "steps" in stages:
+        for name in names:
+            for seed in range(args.seeds if name in MAIN else 1):
+                grid.train(f"steps_{name}_s{seed}", name, args.steps, seed, lr_of(name))
+    if "time" in stages:
+        for name in names:
+            if name == "dense":
+                continue
+            steps = max(1, round(args.steps * times["dense"] / times[name]))
+            for seed in range(args.seeds if name in MAIN else 1):
+                grid.train(f"time_{name}_s{seed}", name, steps, seed, lr_of(name))
+    if "ablation" in stages:
+        for ablation in ABLATIONS:
+            grid.train(f"ablation_{ablation}_s0", f"ablation:{ablation}", args.steps, 0, lr_of("neuron-tree-1x11"))
+    command = "fastff lm experiment " + " ".join(shlex.quote(a) for a in sys.argv[sys.argv.index("experiment") + 1:]) \
+        if "experiment" in sys.argv else "fastff lm experiment"
+    write_report(grid.root, Path(args.results), command, _shape(args))
+    return 0
+
+
+def _read_tuned(root: Path, family: str) -> float:
+    """The best lr of ``family`` among its finished tune runs."""
+    runs = [(json.loads((d / "metrics.json").read_text())["val_loss"], json.loads((d / "config.json").read_text())["train"]["lr"])
+            for d in root.glob(f"tune_{TUNE_FAMILIES[family]}_lr*") if (d / "metrics.json").exists()]
+    if not runs:
+        raise FileNotFoundError(f"no finished tune runs for {family} under {root}: run the 'tune' stage first")
+    return min(runs)[1]
+
+
+# ----------------------------------------------------------------------------- report
+
+def load_runs(root: Path) -> list[dict]:
+    """Every finished run under ``root``: variant, stage, seed, config and metrics."""
+    runs = []
+    for d in sorted(root.iterdir()):
+        if not (d / "metrics.json").exists():
+            continue
+        info = json.loads((d / "variant.json").read_text())
+        runs.append({"name": d.name, "seed": int(d.name.rsplit("_s", 1)[1]), **info,
+                     "config": json.loads((d / "config.json").read_text()),
+                     "metrics": json.loads((d / "metrics.json").read_text())})
+    return runs
+
+
+def run_records(runs: list[dict]) -> list[dict]:
+    """One flat object per run (the rows of lm.json)."""
+    out = []
+    for r in runs:
+        m, c = r["metrics"], r["config"]
+        layers = c["model"]["layers"]
+        out.append({"run": r["name"], "stage": r["stage"], "variant": r["variant"], "ffn": c["model"]["ffn"],
+                    "seed": r["seed"], "steps": c["train"]["steps"], "lr": c["train"]["lr"],
+                    "val_loss": m["val_loss"], "test_loss": m["test_loss"], "best_step": m["best_step"],
+                    "train_seconds": m["train_seconds"], "ms_per_step": m["ms_per_step"],
+                    "neurons_per_token": m["ffn_neurons_per_token"] // layers,
+                    "training_width": m["ffn_training_width"] // layers, "n_params": m["n_params"]})
+    return out
+
+
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def _table(records: list[dict], stage: str) -> list[str]:
+    lines = ["| variant | seeds | neurons / token | training width | steps | lr | val loss | test loss | "
+             "train s | ms / step |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        if r["stage"] == stage:
+            groups.setdefault(r["variant"], []).append(r)
+    for variant, rs in groups.items():
+        r0 = rs[0]
+        lines.append(f"| {variant} | {len(rs)} | {r0['neurons_per_token']} | {r0['training_width']} | {r0['steps']} | "
+                     f"{r0['lr']:g} | {_mean_std([r['val_loss'] for r in rs])} | "
+                     f"{_mean_std([r['test_loss'] for r in rs])} | {statistics.mean(r['train_seconds'] for r in rs):.0f} | "
+                     f"{statistics.mean(r['ms_per_step'] for r in rs):.0f} |")
+    return lines
+
+
+def _plots(runs: list[dict], out: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    seed0 = [r for r in runs if r["seed"] == 0 and r["stage"] in ("steps", "time")]
+    for x_key, label, name in (("step", "training step", "lm_val_vs_steps.png"),
+                               ("seconds", "training wall-clock (s)", "lm_val_vs_time.png")):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for r in seed0:
+            h = r["metrics"]["history"]
+            ax.plot([e[x_key] for e in h], [e["val_loss"] for e in h], marker=".",
+                    linestyle="-" if r["stage"] == "steps" else "--", label=f"{r['variant']} ({r['stage']})")
+        ax.set(xlabel=label, ylabel="validation loss (nats / char)", title=f"validation loss vs {label} (seed 0)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        files.append(out / name)
+        fig.savefig(files[-1], dpi=110)
+        plt.close(fig)
+    records = run_records([r for r in runs if r["stage"] == "steps"])
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for variant in dict.fromkeys(r["variant"] for r in records):
+        rs = [r for r in records if r["variant"] == variant]
+        ax.scatter([rs[0]["neurons_per_token"]], [statistics.mean(r["val_loss"] for r in rs)], label=variant)
+    ax.set(xscale="log", xlabel="feedforward neurons per token (per layer)", ylabel="validation loss (equal steps)",
+           title="loss vs feedforward neurons evaluated per token")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    files.append(out / "lm_loss_vs_neurons.png")
+    fig.savefig(files[-1], dpi=110)
+    plt.close(fig)
+    return files
+
+
+def write_report(root: Path, out: Path, command: str, shape: dict) -> Path:
+    """docs/results/lm.md (tables), lm.json (one object per run) and the plots."""
+    runs = load_runs(root)
+    records = run_records(runs)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "lm.json").write_text(json.dumps(records, indent=1))
+    plots = _plots(runs, out)
+    steptime = json.loads((root / "steptime.json").read_text()) if (root / "steptime.json").exists() else None
+    text = ["# Language modelling with tree feedforwards\n", f"Command: `{command}`\n",
+            f"{len(runs)} runs under `{root}`. Model: {shape['layers']} layers, dim {shape['dim']}, "
+            f"{shape['heads']} heads, context {shape['context']}; character-level text; losses in nats per "
+            "character, measured in eval mode (hard routing on fastff's kernels) on fixed windows; the checkpoint "
+            "with the lowest validation loss is kept and the test split is evaluated once per run.\n"]
+    for stage, title in (("steps", "Equal steps"), ("time", "Equal wall-clock (steps that fit in the dense model's time)"),
+                         ("ablation", "Neuron-tree 1x11 ablations (equal steps, seed 0)"),
+                         ("tune", "Learning-rate search (seed 0)")):
+        if any(r["stage"] == stage for r in records):
+            text += [f"## {title}\n", *_table(records, stage), ""]
+    if steptime:
+        s = steptime["seconds"]
+        rest = s["no-ffn"]
+        text += ["## Training-step time: feedforward vs the rest\n",
+                 f"Interleaved medians in one process (batch {steptime['batch']}, {steptime['threads']} threads, load "
+                 f"average {steptime['load_average']:.2f}); 'rest' = the same model without feedforwards.\n",
+                 "| variant | ms / step | feedforward ms | rest ms | vs dense |", "|---|---:|---:|---:|---:|"]
+        text += [f"| {n} | {1e3 * t:.0f} | {1e3 * (t - rest):.0f} | {1e3 * rest:.0f} | {s['dense'] / t:.2f}x |"
+                 for n, t in s.items()]
+        text.append("")
+    text += [f"![{p.stem}]({p.name})" for p in plots]
+    md = out / "lm.md"
+    md.write_text("\n".join(text) + "\n")
+    return md

@@ -1,0 +1,122 @@
+"""`fastff lm train|generate|bench|experiment` end to end on a few KB of text, and the training
+loop's contract (schedule, selection on validation, one test evaluation)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fastff.apps.cli import main
+from fastff.data.text import split_text
+from fastff.models.gpt import GPTConfig
+from fastff.training import lm as L
+
+TINY = ["--layers", "1", "--dim", "16", "--heads", "2", "--context", "16"]
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    words = "the king queen lord lady good my thou art love death night day heart crown time fair".split()
+    gen = torch.Generator().manual_seed(0)
+    lines = [" ".join(words[i] for i in torch.randint(len(words), (7,), generator=gen).tolist()).capitalize() + "."
+             for _ in range(400)]
+    path = tmp_path_factory.mktemp("text") / "tiny.txt"
+    path.write_text("\n".join(lines))
+    return path
+
+
+@pytest.fixture(scope="module")
+def run_dir(text_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "nt"
+    assert main(["lm", "train", "--text", str(text_file), "--ffn", "neuron-tree", "--depth", "4", *TINY, "--steps", "30",
+                 "--batch", "8", "--eval-every", "10", "--eval-batches", "2", "--lr", "3e-3", "--out", str(out),
+                 "--quiet"]) == 0
+    return out
+
+
+def test_train_writes_a_run_that_reloads(run_dir, capsys):
+    assert {p.name for p in run_dir.iterdir()} >= {"model.safetensors", "config.json", "metrics.json"}
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [e["step"] for e in metrics["history"]] == [10, 20, 30]
+    best = min(metrics["history"], key=lambda e: e["val_loss"])
+    assert metrics["best_step"] == best["step"] and metrics["val_loss"] == best["val_loss"]
+    assert metrics["test_loss"] is not None and metrics["ffn_neurons_per_token"] == 5
+    model, vocab, config = L.load_run(run_dir)
+    assert not model.training and config["model"]["ffn"] == "neuron-tree" and len(vocab) == model.cfg.vocab_size
+
+
+def test_generate_prints_text_and_speed(run_dir, capsys):
+    assert main(["lm", "generate", str(run_dir), "--prompt", "The king", "--tokens", "5", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["text"].startswith("The king") and len(out["text"]) == len("The king") + 5 and out["tokens_per_s"] > 0
+    assert main(["lm", "generate", str(run_dir), "--prompt", "The", "--tokens", "40", "--sliding"]) == 0
+
+
+@pytest.mark.parametrize("prompt,tokens,message", [("", 5, "empty"), ("Zebra", 5, "not in the vocabulary"),
+                                                   ("The king", 40, "exceeds the context")])
+def test_generate_bad_input(run_dir, prompt, tokens, message):
+    with pytest.raises(ValueError, match=message):
+        main(["lm", "generate", str(run_dir), "--prompt", prompt, "--tokens", str(tokens)])
+
+
+def test_generate_needs_a_run_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not an LM run directory"):
+        main(["lm", "generate", str(tmp_path), "--prompt", "a"])
+
+
+def test_bench_rows(capsys):
+    args = ["lm", "bench", *TINY[:6], "--context", "24", "--depth", "3", "--prompt-tokens", "8", "--new-tokens", "2",
+            "--repeats", "1", "--batches", "1,2", "--json", "--ffns", "dense,dense-int8,neuron-tree,neuron-tree-int8,no-ffn"]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {(r["phase"], r["batch"]) for r in rows} == {("prefill", 1), ("prefill", 2), ("generate", 1), ("generate", 2)}
+    for r in rows:
+        assert set(r) >= {"ffn", "phase", "batch", "tokens", "ms", "tokens_per_s", "speedup_vs_dense"}
+        assert r["ms"] > 0 and r["tokens"] == r["batch"] * (8 if r["phase"] == "prefill" else 1)
+    assert all(r["speedup_vs_dense"] == 1.0 for r in rows if r["ffn"] == "dense")
+    assert main([*args[:-2], "--train", "--ffns", "dense,neuron-tree,no-ffn"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {r["phase"] for r in rows} == {"train"} and {r["ffn"] for r in rows} == {"dense", "neuron-tree", "no-ffn"}
+    with pytest.raises(ValueError, match="--ffns"):
+        main(["lm", "bench", "--ffns", "dense,conv"])
+
+
+def test_experiment_grid_and_report(text_file, tmp_path):
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    assert main(["lm", "experiment", "--text", str(text_file), *TINY, "--steps", "4", "--tune-steps", "2",
+                 "--lrs", "1e-3,2e-3", "--seeds", "1", "--batch", "4", "--only", "dense,neuron-tree-1x11",
+                 "--stages", "tune,steptime,steps,time", "--runs", str(runs), "--results", str(results),
+                 "--quiet"]) == 0
+    names = sorted(p.name for p in runs.iterdir() if p.is_dir())
+    assert names == ["steps_dense_s0", "steps_neuron-tree-1x11_s0", "time_neuron-tree-1x11_s0",
+                     "tune_dense_lr0.001_s0", "tune_dense_lr0.002_s0",
+                     "tune_neuron-tree-1x11_lr0.001_s0", "tune_neuron-tree-1x11_lr0.002_s0"]
+    records = json.loads((results / "lm.json").read_text())
+    assert {"ffn", "seed", "val_loss", "test_loss", "train_seconds", "ms_per_step", "neurons_per_token",
+            "training_width"} <= set(records[0])
+    steptime = json.loads((runs / "steptime.json").read_text())["seconds"]
+    time_run = next(r for r in records if r["run"] == "time_neuron-tree-1x11_s0")
+    assert set(steptime) == {"dense", "neuron-tree-1x11", "no-ffn"}
+    assert time_run["steps"] == max(1, round(4 * steptime["dense"] / steptime["neuron-tree-1x11"]))
+    md = (results / "lm.md").read_text()
+    assert "## Equal steps" in md and "## Equal wall-clock" in md and "feedforward vs the rest" in md
+    assert all((results / f).stat().st_size > 0 for f in ("lm_val_vs_steps.png", "lm_val_vs_time.png",
+                                                          "lm_loss_vs_neurons.png"))
+
+
+def test_lr_schedule_and_config_checks():
+    cfg = L.LMTrainConfig(steps=100, warmup=10, lr=1.0, min_lr_frac=0.1)
+    assert L.lr_at(cfg, 0) == pytest.approx(0.1) and L.lr_at(cfg, 9) == pytest.approx(1.0)
+    assert L.lr_at(cfg, 99) == pytest.approx(0.1, abs=1e-3)
+    with pytest.raises(ValueError, match="lr"):
+        L.LMTrainConfig(lr=0).validate()
+    with pytest.raises(ValueError, match="steps"):
+        L.LMTrainConfig(steps=0).validate()
+
+
+def test_fit_rejects_a_model_for_another_vocabulary(text_file):
+    splits = split_text(text_file.read_text())
+    with pytest.raises(ValueError, match="vocab_size"):
+        L.fit(GPTConfig(vocab_size=len(splits.vocab) + 1, context=8, layers=1, heads=1, dim=8),
+              L.LMTrainConfig(steps=1), splits, progress=False)
