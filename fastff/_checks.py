@@ -106,6 +106,12 @@ class CheckedInput:
                 m.__dict__["_check_finite"] = value
 
 
+def finite_check_on(layer: CheckedInput) -> bool:
+    """Whether ``layer``'s inputs must be finite: its ``check_finite``, or the global default."""
+    flag = layer.__dict__.get("_check_finite")
+    return _check_finite if flag is None else flag
+
+
 def check_input(layer: CheckedInput, x: torch.Tensor, in_features: int, param: torch.Tensor) -> None:
     """The input of a layer must be a floating tensor of shape (..., in_features) in the dtype and
     on the device of the layer's parameter ``param``; with ``check_finite`` on (see the module
@@ -125,8 +131,7 @@ def check_input(layer: CheckedInput, x: torch.Tensor, in_features: int, param: t
     if not (x.is_cpu and param.is_cpu) and x.device != param.device:
         raise ValueError(f"{type(layer).__name__} has parameters on device '{param.device}' but got input on "
                          f"device '{x.device}'; move one of them (e.g. x.to('{param.device}'))")
-    flag = layer.__dict__.get("_check_finite")
-    if (_check_finite if flag is None else flag) and not x.is_meta and not torch.compiler.is_compiling():
+    if finite_check_on(layer) and not x.is_meta and not torch.compiler.is_compiling():
         bad = (~torch.isfinite(x)).sum().item()
         if bad:
             raise ValueError(f"{type(layer).__name__} got {bad} non-finite (NaN or inf) input value(s) in an "

@@ -200,14 +200,13 @@ def test_auto_uses_cpu_kernels_for_inference_only(dtype):
     f = fastff.FFF(8, 3, 3, 4).to(dtype).eval()
     n = fastff.NeuronTree(8, 3, 3).to(dtype).eval()
     x = torch.randn(4, 8, dtype=dtype)
-    with mock.patch.object(cpu, "fff_eager", wraps=cpu.fff_eager) as fk, \
-            mock.patch.object(cpu, "neuron_tree_eager", wraps=cpu.neuron_tree_eager) as nk:
+    with mock.patch.object(cpu.Prepared, "__call__", autospec=True, side_effect=cpu.Prepared.__call__) as run:
         with torch.no_grad():
             f(x), n(x)
-        assert fk.call_count == 1 and nk.call_count == 1
+        assert run.call_count == 2
         y = f(x)          # grad mode and trainable parameters: the differentiable cpu training kernels
         z = n(x)
-        assert fk.call_count == 1 and nk.call_count == 1
+        assert run.call_count == 2
         assert y.requires_grad and z.requires_grad
     assert kernels.resolve(None) is kernels.AUTO and kernels.resolve("cpu") is cpu
 

@@ -99,25 +99,16 @@ def _pick(tensors, inference: bool):
 
 
 class _Auto:
-    """Backend ``"auto"``: picks ``cpu``, ``triton`` or ``torch`` per call, looking at every tensor.
-    (The eager no-grad CPU case is the hot path of every batch-1 call: one cached weight lookup.)"""
+    """Backend ``"auto"``: picks ``cpu``, ``triton`` or ``torch`` per call, looking at every tensor."""
 
     @staticmethod
     def fff_hard(x, node_w, node_b, w1, b1, w2, b2, activation: str, gated: bool = False) -> torch.Tensor:
         weights = (node_w, node_b, w1, b1, w2, b2)
-        if not needs_grad(x, *weights):
-            views = cpu.usable_views(x, weights)
-            if views is not None:
-                return cpu.fff_eager(x, views, activation, gated)
         return _pick((x, *weights), True).fff_hard(x, *weights, activation, gated)
 
     @staticmethod
     def neuron_tree(x, w_in, b_in, w_out, b_out, activation: str) -> torch.Tensor:
         weights = (w_in, b_in, w_out, b_out)
-        if not needs_grad(x, *weights):
-            views = cpu.usable_views(x, weights)
-            if views is not None:
-                return cpu.neuron_tree_eager(x, views, activation)
         return _pick((x, *weights), True).neuron_tree(x, *weights, activation)
 
     @staticmethod
@@ -136,11 +127,16 @@ class _Auto:
 AUTO = _Auto()
 
 
+def backend_name(backend: str | None) -> str:
+    """The backend name a layer with ``backend`` runs on: the forced one, its own, or the default."""
+    return _forced or backend or _default
+
+
 def resolve(backend: str | None, training: bool = False):
     """The backend a layer with ``backend`` (None: the global default) runs on: a module with the
     interface above, or for ``"auto"`` a dispatcher that chooses per call. ``training``: the
     backend must provide the training ops (``"triton"`` does not: ValueError)."""
-    name = _forced or backend or _default
+    name = backend_name(backend)
     if name == "auto":
         return AUTO
     module = BACKENDS.get(name) if isinstance(name, str) else None

@@ -17,6 +17,8 @@ Shapes as in ``fastff.kernels.reference``.
 """
 from __future__ import annotations
 
+import functools
+import operator
 import weakref
 from typing import Optional
 
@@ -78,72 +80,115 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
 
-# A layer's weight tensors -> their checked numpy views, so repeated calls skip the checks and
-# the torch->numpy conversions (most of a batch-1 call). Keyed by the id of the first weight; an
-# entry is used only while every weight is the same tensor object with the same storage pointer,
-# shape and strides (contiguous weights only). The views share memory, so in-place updates of
-# the weights are seen. An entry dies with any of its tensors.
-_prepared: dict[int, tuple] = {}  # id(weights[0]) -> (weakrefs, layouts, views, torch dtype)
-
-
-def _layout(w: torch.Tensor | None) -> tuple:
-    return (None, None, None) if w is None else (w.data_ptr(), w.shape, w.stride())
-
-
-def _cached(weights: tuple) -> tuple | None:
-    """The ``_prepared`` entry of ``weights`` if it is still valid."""
-    hit = _prepared.get(id(weights[0]))
-    if hit is None:
-        return None
-    for w, ref, (ptr, shape, stride) in zip(weights, hit[0], hit[1]):
-        if w is None:
-            if ref is not None:
-                return None
-        elif ref is None or ref() is not w or w.data_ptr() != ptr or w.shape != shape or w.stride() != stride:
-            return None
-    return hit
-
-
 def weights_np(*weights) -> tuple:
-    """Checked numpy views of ``weights`` (None stays None); see ``_prepared``. Raises like
-    ``check_tensors`` for tensors the kernels cannot run."""
-    hit = _cached(weights)
-    if hit is not None:
-        return hit[2]
+    """Checked numpy views of ``weights`` (None stays None). Raises like ``check_tensors`` for
+    tensors the kernels cannot run."""
     check_tensors(*weights)
-    views = tuple(None if w is None else _np(w) for w in weights)
+    return tuple(None if w is None else _np(w) for w in weights)
+
+
+_present = functools.partial(operator.is_not, None)
+_ptr = torch.Tensor.data_ptr
+_nbytes = operator.attrgetter("nbytes")
+
+
+def stamp(tensors) -> tuple:
+    """What must stay equal for numpy views of ``tensors`` (None skipped) to still describe them:
+    their data pointers and sizes. Value updates in place are seen through the shared memory; a
+    ``.data`` assignment, a move or a dtype change gives a new pointer (the views keep the old
+    memory alive, so no new tensor gets its address), ``resize_`` or a ``.data`` assignment of a
+    slice a new size."""
+    tensors = tuple(filter(_present, tensors))
+    return (*map(_ptr, tensors), *map(_nbytes, tensors))
+
+
+def _weight_np(t: torch.Tensor) -> np.ndarray:
+    """numpy view of a weight that keeps its memory alive but not the tensor (a copy if ``t`` is
+    not contiguous)."""
+    return _np(t.detach())
+
+
+class Prepared:
+    """One layer's weights ready for repeated eager kernel calls: checked, viewed as numpy (sharing
+    their memory), the activation code and tree shape worked out, so a call costs a few checks
+    plus the kernel. Made by ``prepare_neuron_tree`` / ``prepare_fff``; reusable while the
+    weights keep their ``stamp`` (``prepared`` caches them per weights, layers per layer).
+    ``__call__(x (..., I)) -> (..., O)``."""
+
+    __slots__ = ("config", "dtype", "in_features", "out_features", "row_bytes", "serial", "serial_args", "run",
+                 "run_args")
+
+    def __init__(self, config: tuple, like: np.ndarray, out_features: int, row_bytes: int, serial,
+                 serial_args: tuple, run, run_args: tuple):
+        self.config, self.dtype, self.in_features = config, like.dtype, like.shape[-1]
+        self.out_features, self.row_bytes = out_features, row_bytes
+        self.serial, self.serial_args, self.run, self.run_args = serial, serial_args, run, run_args
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x (..., I) -> (..., O) on the kernels; None when they cannot take x as it is (not a
+        contiguous CPU tensor of the weights' dtype with I features, or one that requires grad):
+        the caller then converts x or raises."""
+        try:
+            xa = x.numpy()
+        except (TypeError, RuntimeError):          # not a dense CPU tensor, or requires grad
+            return None
+        shape = xa.shape
+        if xa.dtype is not self.dtype or not shape or shape[-1] != self.in_features or not xa.flags.c_contiguous:
+            return None
+        if len(shape) != 2:
+            xa = xa.reshape(-1, self.in_features)
+        rows = xa.shape[0]
+        out = np.empty((rows, self.out_features), self.dtype)
+        if rows < THROUGHPUT_MIN_ROWS and rows * self.row_bytes < PARALLEL_MIN_BYTES:
+            self.serial(xa, *self.serial_args, out)
+        else:
+            self.run(xa, *self.run_args, out)
+        y = torch.from_numpy(out)
+        return y if len(shape) == 2 else y.view(*shape[:-1], self.out_features)
+
+
+def prepare_neuron_tree(w_in, b_in, w_out, b_out, activation: str) -> Prepared:
+    """``Prepared`` NeuronTree (shapes as in ``neuron_tree``; b_out may be None). Raises like
+    ``check_tensors`` / ``functional.activation_code``."""
+    check_tensors(w_in, b_in, w_out, b_out)
+    code = activation_code(activation)
+    wi, bi, wo = _weight_np(w_in), _weight_np(b_in), _weight_np(w_out)
+    bo = _NO_BIAS[wi.dtype] if b_out is None else _weight_np(b_out)
+    levels = tree_levels(wi.shape[1])
+    return Prepared((activation,), wi, wo.shape[2], _nt_row_bytes(wi, wo, levels),
+                    infer.nt_serial, (wi, bi, wo, bo, levels, code), neuron_tree_run, ((wi, bi, wo, bo), code))
+
+
+def prepare_fff(node_w, node_b, w1, b1, w2, b2, activation: str, gated: bool) -> Prepared:
+    """``Prepared`` hard FFF (shapes as in ``fff_hard``). Raises like ``prepare_neuron_tree``."""
+    check_tensors(node_w, node_b, w1, b1, w2, b2)
+    code = activation_code(activation)
+    views = nw, nb, a1, c1, a2, c2 = tuple(map(_weight_np, (node_w, node_b, w1, b1, w2, b2)))
+    depth = fff_depth(a1.shape[0])
+    return Prepared((activation, gated), nw, a2.shape[2], _fff_row_bytes(depth, a1, a2),
+                    infer.fff_serial, (nw, nb, depth, a1, c1, a2, c2, code, gated), fff_run, (views, code, gated))
+
+
+# Prepared calls of recently used weights, so direct backend calls (and the custom ops) skip the
+# checks and conversions: keyed by the id of the first weight, used while the weights keep their
+# stamp, dropped when the first weight dies. Non-contiguous weights (copied) are not cached.
+_cache: dict[int, tuple] = {}  # id(weights[0]) -> (stamp, weakref, Prepared)
+
+
+def prepared(prepare, weights: tuple, activation: str, *flags) -> Prepared:
+    """``prepare(*weights, activation, *flags)`` (``prepare_neuron_tree`` / ``prepare_fff``), or
+    its cached result while the weights keep their ``stamp`` (pointer and size of each)."""
+    key, st = id(weights[0]), stamp(weights)
+    hit = _cache.get(key)
+    if hit is not None and hit[0] == st and hit[2].config == (activation, *flags):
+        return hit[2]
+    p = prepare(*weights, activation, *flags)
     if all(w is None or w.is_contiguous() for w in weights):
-        key = id(weights[0])
-        drop = lambda _, key=key: _prepared.pop(key, None)
-        refs = tuple(None if w is None else weakref.ref(w, drop) for w in weights)
-        _prepared[key] = (refs, tuple(map(_layout, weights)), views, weights[0].dtype)
-    return views
-
-
-def usable_views(x: torch.Tensor, weights: tuple) -> tuple | None:
-    """The numpy views of ``weights`` if the kernels can run ``x`` with them eagerly (CPU tensors
-    of one dtype in ``DTYPES``, not traced), else None. Gradients are not looked at."""
-    if not x.is_cpu or _tracing(x):
-        return None
-    hit = _cached(weights)
-    if hit is not None:
-        return hit[2] if hit[3] is x.dtype else None
-    if x.dtype in DTYPES and all(w is None or (w.is_cpu and w.dtype is x.dtype) for w in weights):
-        return weights_np(*weights)
-    return None
+        _cache[key] = (st, weakref.ref(weights[0], lambda _: _cache.pop(key, None)), p)
+    return p
 
 
 _NO_BIAS = {np.dtype(dt): np.zeros(0, dt) for dt in (np.float32, np.float64)}
-
-
-def _input_np(x: torch.Tensor, like: np.ndarray) -> np.ndarray:
-    """numpy view of the input, checked against the weights' dtype."""
-    if not x.is_cpu or x.dtype not in DTYPES:
-        check_tensors(x)
-    xa = _np(x)
-    if xa.dtype != like.dtype:
-        check_tensors(x, torch.from_numpy(like[:0]))
-    return xa
 
 
 def _tracing(x: torch.Tensor) -> bool:
@@ -158,6 +203,17 @@ def _parallel(rows: int, bytes_per_row: int) -> bool:
     return rows * bytes_per_row >= PARALLEL_MIN_BYTES and torch.get_num_threads() > 1
 
 
+def _fff_row_bytes(depth: int, w1: np.ndarray, w2: np.ndarray) -> int:
+    """Weight bytes one row's FFF walk touches: ``depth`` nodes and one leaf."""
+    _, inp, hidden = w1.shape
+    return (depth * inp + hidden * (inp + w2.shape[2])) * w1.itemsize
+
+
+def _nt_row_bytes(w_in: np.ndarray, w_out: np.ndarray, levels: int) -> int:
+    """Weight bytes one row's NeuronTree walk touches: ``levels`` neurons per tree."""
+    return w_in.shape[0] * levels * (w_in.shape[2] + w_out.shape[2]) * w_in.itemsize
+
+
 def fff_run(xa: np.ndarray, weights: tuple, code: int, gated: bool, out: np.ndarray) -> None:
     """The numba part of ``fff_hard``: out (B, O) = FFF(xa (B, I)) for ``weights`` = numpy
     (node_w, node_b, w1, b1, w2, b2) and an activation code (``functional.ACTIVATION_CODES``)."""
@@ -169,9 +225,7 @@ def fff_run(xa: np.ndarray, weights: tuple, code: int, gated: bool, out: np.ndar
     if rows >= THROUGHPUT_MIN_ROWS:
         _fff_throughput(xa, nw, nb, depth, a1, c1, a2, c2, code, gated, out)
         return
-    _, inp, hidden = a1.shape
-    row_bytes = (depth * inp + hidden * (inp + a2.shape[2])) * xa.itemsize
-    if _parallel(rows, row_bytes):
+    if _parallel(rows, _fff_row_bytes(depth, a1, a2)):
         with_torch_threads(infer.fff_parallel, xa, nw, nb, depth, a1, c1, a2, c2, code, gated, out)
     else:
         infer.fff_serial(xa, nw, nb, depth, a1, c1, a2, c2, code, gated, out)
@@ -230,10 +284,9 @@ def neuron_tree_run(xa: np.ndarray, weights: tuple, code: int, out: np.ndarray) 
     if bo is None:
         bo = _NO_BIAS[xa.dtype]
     levels = tree_levels(wi.shape[1])
-    node_bytes = (wi.shape[2] + wo.shape[2]) * xa.itemsize
     if rows >= THROUGHPUT_MIN_ROWS:
         _nt_grouped(xa, wi, bi, wo, bo, code, levels, out)
-    elif _parallel(rows, wi.shape[0] * levels * node_bytes):
+    elif _parallel(rows, _nt_row_bytes(wi, wo, levels)):
         with_torch_threads(infer.nt_parallel, xa, wi, bi, wo, bo, levels, code, out)
     else:
         infer.nt_serial(xa, wi, bi, wo, bo, levels, code, out)
@@ -247,27 +300,15 @@ def _nt_grouped(xa, wi, bi, wo, bo, code, levels, out) -> tuple:
     return pre, nodes
 
 
-def _output(rows: int, features: int, like: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
-    """A fresh (rows, features) output as a tensor and its numpy view."""
-    out = np.empty((rows, features), like.dtype)
-    return torch.from_numpy(out), out
-
-
-def fff_eager(x: torch.Tensor, weights: tuple, activation: str, gated: bool = False) -> torch.Tensor:
-    """Hard FFF inference on numpy ``weights`` (from ``weights_np``). x (B, I) -> (B, O)."""
-    xa = _input_np(x, weights[2])
-    code = activation_code(activation)
-    y, out = _output(xa.shape[0], weights[4].shape[-1], weights[2])
-    fff_run(xa, weights, code, gated, out)
-    return y
-
-
-def neuron_tree_eager(x: torch.Tensor, weights: tuple, activation: str) -> torch.Tensor:
-    """NeuronTree inference on numpy ``weights`` (from ``weights_np``). x (B, I) -> (B, O)."""
-    xa = _input_np(x, weights[0])
-    code = activation_code(activation)
-    y, out = _output(xa.shape[0], weights[2].shape[-1], weights[0])
-    neuron_tree_run(xa, weights, code, out)
+def eager(p: Prepared, x: torch.Tensor) -> torch.Tensor:
+    """``p(x)``, x made a contiguous tensor that needs no grad first if the kernels cannot take it
+    as it is; raises like ``check_tensors`` for another device or dtype. x (B, I) -> (B, O)."""
+    y = p(x)
+    if y is None:
+        check_tensors(x, torch.from_numpy(np.empty(0, p.dtype)))
+        y = p(x.detach().contiguous())
+        if y is None:
+            raise ValueError(f"expected input of shape (B, {p.in_features}), got {tuple(x.shape)}")
     return y
 
 
@@ -276,7 +317,7 @@ def neuron_tree_eager(x: torch.Tensor, weights: tuple, activation: str) -> torch
 def fff_hard_op(x: torch.Tensor, node_w: torch.Tensor, node_b: torch.Tensor, w1: torch.Tensor,
                 b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, activation: str, gated: bool) -> torch.Tensor:
     """``torch.ops.fastff.fff_hard``: hard FFF inference on the numba kernels. -> (B, O)."""
-    return fff_eager(x, weights_np(node_w, node_b, w1, b1, w2, b2), activation, gated)
+    return eager(prepared(prepare_fff, (node_w, node_b, w1, b1, w2, b2), activation, gated), x)
 
 
 @fff_hard_op.register_fake
@@ -288,7 +329,7 @@ def _fff_hard_fake(x, node_w, node_b, w1, b1, w2, b2, activation, gated):
 def neuron_tree_op(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, w_out: torch.Tensor,
                    b_out: Optional[torch.Tensor], activation: str) -> torch.Tensor:
     """``torch.ops.fastff.neuron_tree_hard``: NeuronTree inference on the numba kernels. -> (B, O)."""
-    return neuron_tree_eager(x, weights_np(w_in, b_in, w_out, b_out), activation)
+    return eager(prepared(prepare_neuron_tree, (w_in, b_in, w_out, b_out), activation), x)
 
 
 @neuron_tree_op.register_fake
@@ -300,26 +341,27 @@ def fff_hard(x, node_w, node_b, w1, b1, w2, b2, activation: str, gated: bool = F
     """Hard FFF forward. x (B, I) -> (B, O); same result as ``reference.fff_hard``.
 
     Without gradients: eager calls run the kernels directly (the op dispatcher costs more than a
-    batch-1 kernel), traced calls go through ``torch.ops.fastff.fff_hard``. With gradients:
-    ``routing.fff_hard_path`` on the training kernels (leaf gradients; node gradients through the
-    gate when ``gated``)."""
+    batch-1 kernel) on ``prepared`` weights, traced calls go through ``torch.ops.fastff.fff_hard``.
+    With gradients: ``routing.fff_hard_path`` on the training kernels (leaf gradients; node
+    gradients through the gate when ``gated``)."""
     weights = (node_w, node_b, w1, b1, w2, b2)
     if routing.needs_grad(x, *weights):
         return routing.fff_hard_path(fff_walk, fff_leaves, x, *weights, activation, hardened=not gated)[0]
     if _tracing(x):
         return torch.ops.fastff.fff_hard(x, *weights, activation, gated)
-    return fff_eager(x, weights_np(*weights), activation, gated)
+    return eager(prepared(prepare_fff, weights, activation, gated), x)
 
 
 def neuron_tree(x, w_in, b_in, w_out, b_out, activation: str) -> torch.Tensor:
     """NeuronTree forward. x (B, I) -> (B, O); same result as ``reference.neuron_tree``.
     Without gradients as in ``fff_hard`` (op ``torch.ops.fastff.neuron_tree_hard``); with
     gradients ``neuron_tree_paths``."""
-    if routing.needs_grad(x, w_in, b_in, w_out, b_out):
-        return neuron_tree_paths(x, w_in, b_in, w_out, b_out, activation)[0]
+    weights = (w_in, b_in, w_out, b_out)
+    if routing.needs_grad(x, *weights):
+        return neuron_tree_paths(x, *weights, activation)[0]
     if _tracing(x):
-        return torch.ops.fastff.neuron_tree_hard(x, w_in, b_in, w_out, b_out, activation)
-    return neuron_tree_eager(x, weights_np(w_in, b_in, w_out, b_out), activation)
+        return torch.ops.fastff.neuron_tree_hard(x, *weights, activation)
+    return eager(prepared(prepare_neuron_tree, weights, activation), x)
 
 
 # ----------------------------------------------------------------------------- training

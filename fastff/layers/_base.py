@@ -5,8 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._checks import CheckedInput, ShapeCheckedLoad, check_input
+from .. import kernels
+from .._checks import CheckedInput, ShapeCheckedLoad, check_input, finite_check_on
 from ..io import serializable
+from ..kernels import cpu
+
+
+_EAGER_BACKENDS = ("auto", "cpu")
 
 
 def batch_mean(t: torch.Tensor) -> torch.Tensor:
@@ -46,6 +51,10 @@ class RoutedLayer(CheckedInput, ShapeCheckedLoad, nn.Module):
         return dict(super().__getstate__(), aux={})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling():   # traced calls take the general path (custom ops)
+            y = self._eager_forward(x)
+            if y is not None:
+                return y
         check_input(self, x, self.in_features, self._param(self._reference))
         if x.is_meta:
             return self._forward_meta(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
@@ -54,6 +63,10 @@ class RoutedLayer(CheckedInput, ShapeCheckedLoad, nn.Module):
         return self._forward_2d(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
 
     _reference: str  # name of the parameter whose dtype and device inputs must have
+
+    def _eager_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The eval forward of x on prepared weights, or None: the general path (see ``EagerKernel``)."""
+        return None
 
     def _param(self, name: str) -> torch.Tensor | None:
         """Parameter ``name``, read from ``_parameters`` when registered there: the eval hot path
@@ -73,3 +86,50 @@ class RoutedLayer(CheckedInput, ShapeCheckedLoad, nn.Module):
 
     def _forward_2d(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+class EagerKernel:
+    """Mixin, before ``RoutedLayer``, of layers whose eval forward is one ``"cpu"`` kernel call
+    (NeuronTree; FFF without master leaf): eval calls with no gradient, not traced, run on the
+    layer's weights prepared once (a ``cpu.Prepared``, kept in ``_eager`` with the ``cpu.stamp``
+    of the parameters and the ``_eager_config``), re-prepared when either changes."""
+
+    _eager: tuple | None = None  # (stamp of the parameters, eager config, cpu.Prepared or None)
+
+    def __getstate__(self):
+        """Copies and pickles re-prepare (the prepared call holds views of this layer's memory)."""
+        return dict(super().__getstate__(), _eager=None)
+
+    def _eager_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The eval forward of x (..., in) on the ``"cpu"`` kernels with the prepared weights: the
+        batch-1 hot path, a few checks that nothing changed since they were prepared. None when
+        the general path must run this call: training, grad mode, another backend, check_finite
+        on, weights or an input the kernels do not take as they are (the general path converts
+        or rejects them)."""
+        if (self.training or torch.is_grad_enabled() or type(x) is not torch.Tensor
+                or kernels.backend_name(self.backend) not in _EAGER_BACKENDS or finite_check_on(self)):
+            return None
+        eager, st, config = self._eager, cpu.stamp(self._parameters.values()), self._eager_config()
+        if eager is None or eager[0] != st or eager[1] != config:
+            eager = self._eager = (st, config, self._prepare_eager())
+        return None if eager[2] is None else eager[2](x)
+
+    def _eager_config(self) -> tuple:  # pragma: no cover - abstract
+        """What the prepared call depends on besides the parameters (e.g. the activation)."""
+        raise NotImplementedError
+
+    def _prepare_eager(self) -> cpu.Prepared | None:  # pragma: no cover - abstract
+        """This layer's eval forward as a ``cpu.Prepared`` call (``_prepared``), or None if it is
+        not one kernel call (then every eval call takes the general path)."""
+        raise NotImplementedError
+
+    def _prepared(self, prepare, names: tuple) -> cpu.Prepared | None:
+        """``cpu.prepared(prepare, weights, *_eager_config())`` for the parameters ``names``, or None
+        unless the kernels run them as they are: registered here (not parametrized), CPU tensors
+        of one dtype of ``cpu.DTYPES``, contiguous."""
+        if not all(n in self._parameters for n in names):
+            return None
+        weights = tuple(self._parameters[n] for n in names)
+        if not cpu.applies(*weights) or not all(w is None or w.is_contiguous() for w in weights):
+            return None
+        return cpu.prepared(prepare, weights, *self._eager_config())

@@ -10,7 +10,7 @@ from .._checks import check_bool, check_choice, check_fraction, check_int, check
 from .. import kernels
 from ..functional import (ACTIVATIONS, bernoulli_entropy, get_activation, go_right, child_index,
                           mixture_weights, n_nodes, node_reach)
-from ._base import RoutedLayer, batch_mean
+from ._base import EagerKernel, RoutedLayer, batch_mean
 from .dense import DenseFF
 
 MASTER_LEAF = (None, "scalar", "token")
@@ -23,7 +23,7 @@ def _uniform(shape, fan_in: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
 
 
-class FFF(RoutedLayer):
+class FFF(EagerKernel, RoutedLayer):
     """A binary tree of ``2**depth - 1`` single-neuron decision nodes over ``2**depth`` leaves,
     each leaf a ``in -> leaf_width -> out`` MLP. x (..., in_features) -> (..., out_features).
 
@@ -135,6 +135,14 @@ class FFF(RoutedLayer):
         """The tree's share g of the blend ``g·tree(x) + (1-g)·master(x)``: ``sigmoid(k)`` (1,)
         or per row ``sigmoid(x·u + c)`` (B, 1). x (B, in); needs a master leaf."""
         return torch.sigmoid(self.gate(x) if self.master_leaf == "token" else self.gate)
+
+    def _eager_config(self) -> tuple:
+        return (self.activation, self.gated)
+
+    def _prepare_eager(self):
+        if self.master is not None:
+            return None
+        return self._prepared(kernels.cpu.prepare_fff, ("node_w", "node_b", "w1", "b1", "w2", "b2"))
 
     def _forward_2d(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:

@@ -9,12 +9,12 @@ from torch import nn
 from .._checks import check_bool, check_choice, check_int, check_parameter_bytes
 from .. import kernels
 from ..functional import ACTIVATIONS, tree_size
-from ._base import RoutedLayer
+from ._base import EagerKernel, RoutedLayer
 
 USAGE = (None, "hard")
 
 
-class NeuronTree(RoutedLayer):
+class NeuronTree(EagerKernel, RoutedLayer):
     """``trees`` parallel binary trees of depth ``depth``; every one of the ``2**(depth+1) - 1``
     nodes of a tree is a neuron. Per row and tree, start at the root, and on each of the
     ``depth + 1`` levels add ``act(a) · w_out[node]`` with ``a = x·w_in[node] + b_in[node]``,
@@ -77,6 +77,12 @@ class NeuronTree(RoutedLayer):
         """Zero the usage counter (no-op without ``usage``)."""
         if self.usage is not None:
             self.neuron_usage.zero_()
+
+    def _eager_config(self) -> tuple:
+        return (self.activation,)
+
+    def _prepare_eager(self):
+        return self._prepared(kernels.cpu.prepare_neuron_tree, ("w_in", "b_in", "w_out", "b_out"))
 
     def _forward_2d(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
