@@ -303,3 +303,31 @@ def test_cpu_backend_under_autograd_gives_the_gradients_of_the_torch_backend(mak
     assert len(grads[0]) == len(grads[1]) > 1
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["fff", "neuron-tree"])
+def test_prepared_eval_path_follows_layer_changes(kind):
+    """The layers' prepared eval call re-prepares after load_state_dict, an activation change and a
+    dtype change, and takes leading batch dims and non-contiguous inputs."""
+    torch.manual_seed(3)
+    make = (lambda: fastff.FFF(6, 5, 2, 3)) if kind == "fff" else (lambda: fastff.NeuronTree(6, 5, 2))
+    layer, other = make().eval(), make().eval()
+    x = torch.randn(4, 3, 6)
+
+    def expected(m, x):
+        params = fff_params(m) if kind == "fff" else nt_params(m)
+        ref = R.fff_hard if kind == "fff" else R.neuron_tree
+        y = ref(x.reshape(-1, 6).double(), *(None if p is None else p.double() for p in params), m.activation)
+        return y.reshape(*x.shape[:-1], 5)
+
+    with torch.inference_mode():
+        assert torch.allclose(layer(x).double(), expected(layer, x), atol=1e-5)
+        layer.load_state_dict(other.state_dict())
+        assert torch.allclose(layer(x).double(), expected(other, x), atol=1e-5)
+        layer.activation = "relu"
+        assert torch.allclose(layer(x).double(), expected(layer, x), atol=1e-5)
+        xt = torch.randn(6, 7).t()                       # (7, 6), not contiguous
+        assert torch.allclose(layer(xt).double(), expected(layer, xt), atol=1e-5)
+        layer.double()
+        y = layer(x.double())
+        assert y.dtype == torch.float64 and torch.allclose(y, expected(layer, x), atol=1e-10)
