@@ -3,6 +3,7 @@ loop's contract (schedule, selection on validation, one test evaluation)."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -120,3 +121,24 @@ def test_fit_rejects_a_model_for_another_vocabulary(text_file):
     with pytest.raises(ValueError, match="vocab_size"):
         L.fit(GPTConfig(vocab_size=len(splits.vocab) + 1, context=8, layers=1, heads=1, dim=8),
               L.LMTrainConfig(steps=1), splits, progress=False)
+
+
+def test_experiment_lm_is_the_lm_experiment_command(capsys):
+    """`fastff experiment lm` runs `fastff lm experiment` (same options)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["experiment", "lm", "--help"])
+    assert exit_.value.code == 0 and "fastff lm experiment" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("ffn", ["neuron-tree", "fff"])
+def test_train_with_local_adam(text_file, tmp_path, ffn):
+    """`--optimizer local-adam` trains a tree LM (validation loss falls) and records its recipe."""
+    out = tmp_path / ffn
+    assert main(["lm", "train", "--text", str(text_file), "--ffn", ffn, "--depth", "3", *TINY, "--steps", "40",
+                 "--batch", "8", "--eval-every", "20", "--eval-batches", "4", "--lr", "1e-2", "--warmup", "5",
+                 "--optimizer", "local-adam", "--local-batch-size", "16", "--out", str(out), "--quiet"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    _, vocab, config = L.load_run(out)
+    assert metrics["history"][-1]["val_loss"] < 0.9 * math.log(len(vocab))     # below uniform guessing
+    assert config["train"]["optimizer"] == "local-adam" and config["train"]["weight_decay"] == 0.0
+    assert config["model"]["ffn_options"]["usage"] == ("hard" if ffn == "neuron-tree" else "soft")

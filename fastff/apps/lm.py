@@ -93,6 +93,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--batch", type=int, default=d.batch_size, help="sequences per step")
     t.add_argument("--lr", type=float, default=d.lr)
     t.add_argument("--ffn-lr-mult", type=float, default=d.ffn_lr_mult, help="feedforward lr = lr * this")
+    t.add_argument("--optimizer", choices=("adamw", "local-adam"), default=d.optimizer,
+                   help="local-adam: each tree neuron steps once it saw --local-batch-size tokens (no weight decay)")
+    t.add_argument("--local-batch-size", type=float, default=d.local_batch_size)
     t.add_argument("--warmup", type=int, default=d.warmup)
     t.add_argument("--weight-decay", type=float, default=d.weight_decay)
     t.add_argument("--hardening", type=float, default=d.hardening, help="FFF hardening-loss weight")
@@ -157,8 +160,14 @@ def run_train(args) -> int:
     splits = split_text(text)
     model_cfg = GPTConfig(vocab_size=len(splits.vocab), context=args.context, layers=args.layers, heads=args.heads,
                           dim=args.dim, dropout=args.dropout, **ffn_fields(args, args.ffn))
+    local = args.optimizer == "local-adam"
+    if local and args.ffn == "neuron-tree":
+        model_cfg.ffn_options["usage"] = "hard"                # LocalAdam reads the neurons' usage
+    elif local and args.ffn == "fff":
+        model_cfg.ffn_options["usage"] = "soft"
     cfg = LMTrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, ffn_lr_mult=args.ffn_lr_mult,
-                        warmup=min(args.warmup, args.steps - 1), weight_decay=args.weight_decay,
+                        optimizer=args.optimizer, local_batch_size=args.local_batch_size,
+                        warmup=min(args.warmup, args.steps - 1), weight_decay=0.0 if local else args.weight_decay,
                         hardening=args.hardening, balance=args.balance, eval_every=args.eval_every,
                         eval_batches=args.eval_batches, seed=args.seed)
     model, result = fit(model_cfg, cfg, splits, progress=not args.quiet)

@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import statistics
-import sys
 from pathlib import Path
 
 import torch
@@ -50,10 +48,11 @@ TUNE_FAMILIES = {"dense": "dense", "dense-small": "dense-small", "neuron-tree": 
                  "fff": "fff", "moe": "moe"}
 # neuron-tree 1x11 variations: name -> (feedforward fields, training overrides)
 ABLATIONS = {
-    "ffn-lr-x3": ({}, dict(ffn_lr_mult=3.0)),
-    "ffn-lr-x10": ({}, dict(ffn_lr_mult=10.0)),
-    "2x10": (dict(trees=2, depth=10, ffn_width=4094), {}),
+    "lr-2e-3-ffn-x0.5": ({}, dict(lr=2e-3, ffn_lr_mult=0.5)),    # the dense model's lr outside the tree
+    "local-adam": (dict(ffn_options={"usage": "hard"}), dict(optimizer="local-adam", weight_decay=0.0)),
     "long-warmup": ({}, dict(warmup=300)),
+    "2x10": (dict(trees=2, depth=10, ffn_width=4094), {}),
+    "16x5": (dict(trees=16, depth=5, ffn_width=1008), {}),
 }
 
 
@@ -107,8 +106,8 @@ class Grid:
         if (out / "metrics.json").exists():
             return json.loads((out / "metrics.json").read_text())
         family, fields, overrides = _variant(variant)
-        options = dict(warmup=min(100, steps // 10), eval_every=max(1, steps // 10)) | overrides
-        cfg = LMTrainConfig(steps=steps, batch_size=self.args.batch, lr=lr, seed=seed, **options)
+        options = dict(lr=lr, warmup=min(100, steps // 10), eval_every=max(1, steps // 10)) | overrides
+        cfg = LMTrainConfig(steps=steps, batch_size=self.args.batch, seed=seed, **options)
         model, result = fit(self.model_cfg(fields), cfg, self.splits, progress=not self.args.quiet)
         save_run(out, model, result)
         (out / "variant.json").write_text(json.dumps({"variant": variant, "family": family, "stage": run_name.split("_")[0]}))
@@ -186,9 +185,7 @@ def run(args) -> int:
     if "ablation" in stages:
         for ablation in ABLATIONS:
             grid.train(f"ablation_{ablation}_s0", f"ablation:{ablation}", args.steps, 0, lr_of("neuron-tree-1x11"))
-    command = "fastff lm experiment " + " ".join(shlex.quote(a) for a in sys.argv[sys.argv.index("experiment") + 1:]) \
-        if "experiment" in sys.argv else "fastff lm experiment"
-    write_report(grid.root, Path(args.results), command, _shape(args))
+    write_report(grid.root, Path(args.results), getattr(args, "command_line", "fastff lm experiment"), _shape(args))
     return 0
 
 
@@ -269,7 +266,8 @@ def _plots(runs: list[dict], out: Path) -> list[Path]:
                     linestyle="-" if r["stage"] == "steps" else "--", label=f"{r['variant']} ({r['stage']})")
         ax.set(xlabel=label, ylabel="validation loss (nats / char)", title=f"validation loss vs {label} (seed 0)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
+        if seed0:
+            ax.legend(fontsize=6)
         fig.tight_layout()
         files.append(out / name)
         fig.savefig(files[-1], dpi=110)
@@ -282,7 +280,8 @@ def _plots(runs: list[dict], out: Path) -> list[Path]:
     ax.set(xscale="log", xlabel="feedforward neurons per token (per layer)", ylabel="validation loss (equal steps)",
            title="loss vs feedforward neurons evaluated per token")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    if records:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     files.append(out / "lm_loss_vs_neurons.png")
     fig.savefig(files[-1], dpi=110)

@@ -24,12 +24,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .._checks import check_fraction, check_int
+from .._checks import check_choice, check_fraction, check_int
 from ..data.text import CharVocab, TextSplits, batches
 from ..io import load, save
 from ..layers import FFF, MoE
 from ..models.gpt import GPT, GPTConfig
 from .losses import hardening_loss, load_balancing_loss
+from .optim import LocalAdam
+
+OPTIMIZERS = ("adamw", "local-adam")
 
 
 @dataclass
@@ -37,8 +40,10 @@ class LMTrainConfig:
     """Optimisation of one run (saved in config.json)."""
     steps: int = 1000
     batch_size: int = 32
-    lr: float = 1e-3            # peak learning rate (AdamW)
+    lr: float = 1e-3            # peak learning rate
     ffn_lr_mult: float = 1.0    # the feedforward layers' learning rate = lr * ffn_lr_mult
+    optimizer: str = "adamw"    # or "local-adam": LocalAdam (tree blocks step once they saw local_batch_size rows)
+    local_batch_size: float = 64.0
     warmup: int = 100           # steps of linear warm-up, then cosine decay to min_lr_frac * lr
     min_lr_frac: float = 0.1
     weight_decay: float = 0.1   # decoupled, on weight matrices / tensors (not biases, norms, embeddings)
@@ -59,6 +64,10 @@ class LMTrainConfig:
         check_fraction("min_lr_frac", self.min_lr_frac)
         if self.lr <= 0 or self.ffn_lr_mult <= 0:
             raise ValueError(f"lr and ffn_lr_mult must be > 0, got {self.lr} and {self.ffn_lr_mult}")
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        if self.optimizer == "local-adam" and (self.ffn_lr_mult != 1.0 or self.weight_decay):
+            raise ValueError("optimizer 'local-adam' has one learning rate and no weight decay: set ffn_lr_mult=1 "
+                             "and weight_decay=0")
         return self
 
 
@@ -89,9 +98,15 @@ def lr_at(cfg: LMTrainConfig, step: int) -> float:
     return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
-def make_optimizer(model: GPT, cfg: LMTrainConfig) -> torch.optim.AdamW:
+def make_optimizer(model: GPT, cfg: LMTrainConfig) -> torch.optim.Optimizer:
     """AdamW with four groups: {feedforward, rest} x {decayed (tensors of >= 2 dims, embeddings
-    excepted), not decayed}; the feedforward groups' learning rate is scaled by ``ffn_lr_mult``."""
+    excepted), not decayed}; the feedforward groups' learning rate is scaled by ``ffn_lr_mult``.
+    ``optimizer="local-adam"``: ``LocalAdam`` (the trees' blocks need ``usage`` counters), one group."""
+    if cfg.optimizer == "local-adam":
+        opt = LocalAdam(model, lr=cfg.lr, local_batch_size=cfg.local_batch_size, betas=(0.9, 0.95))
+        for group in opt.param_groups:
+            group["lr_mult"] = 1.0
+        return opt
     ffn_params = {id(p) for f in model.ffns for p in f.parameters()}
     embeddings = {id(model.tok_emb.weight), id(model.pos_emb.weight)}
     groups = {}
