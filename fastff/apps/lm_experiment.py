@@ -237,11 +237,11 @@ def _mean_std(values: list[float]) -> str:
 def _table(records: list[dict], stage: str) -> list[str]:
     lines = ["| variant | seeds | neurons / token | training width | steps | lr | val loss | test loss | "
              "train s | ms / step |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    groups: dict[str, list[dict]] = {}
+    groups: dict[tuple, list[dict]] = {}     # (variant, lr) -> its seeds
     for r in records:
         if r["stage"] == stage:
-            groups.setdefault(r["variant"], []).append(r)
-    for variant, rs in groups.items():
+            groups.setdefault((r["variant"], r["lr"]), []).append(r)
+    for (variant, _), rs in groups.items():
         r0 = rs[0]
         lines.append(f"| {variant} | {len(rs)} | {r0['neurons_per_token']} | {r0['training_width']} | {r0['steps']} | "
                      f"{r0['lr']:g} | {_mean_std([r['val_loss'] for r in rs])} | "
@@ -250,21 +250,28 @@ def _table(records: list[dict], stage: str) -> list[str]:
     return lines
 
 
-def _plots(runs: list[dict], out: Path) -> list[Path]:
+def _plots(runs: list[dict], out: Path, step_seconds: dict | None) -> list[Path]:
+    """Validation loss vs steps and vs training time, loss vs neurons per token. The time axis is
+    steps x the variant's interleaved step time (``step_seconds``, from steptime.json) when known,
+    the run's measured wall-clock otherwise: other jobs on the machine change the latter."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def seconds(r, e):
+        return e["step"] * step_seconds[r["variant"]] if step_seconds and r["variant"] in step_seconds else e["seconds"]
+
+    time_label = "training time (s): steps x interleaved step time" if step_seconds else "training wall-clock (s)"
     files = []
     seed0 = [r for r in runs if r["seed"] == 0 and r["stage"] in ("steps", "time")]
-    for x_key, label, name in (("step", "training step", "lm_val_vs_steps.png"),
-                               ("seconds", "training wall-clock (s)", "lm_val_vs_time.png")):
+    for x_of, label, name in ((lambda r, e: e["step"], "training step", "lm_val_vs_steps.png"),
+                              (seconds, time_label, "lm_val_vs_time.png")):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for r in seed0:
             h = r["metrics"]["history"]
-            ax.plot([e[x_key] for e in h], [e["val_loss"] for e in h], marker=".",
+            ax.plot([x_of(r, e) for e in h], [e["val_loss"] for e in h], marker=".",
                     linestyle="-" if r["stage"] == "steps" else "--", label=f"{r['variant']} ({r['stage']})")
-        ax.set(xlabel=label, ylabel="validation loss (nats / char)", title=f"validation loss vs {label} (seed 0)")
+        ax.set(xlabel=label, ylabel="validation loss (nats / char)", title=f"validation loss vs {label.split(' (')[0]} (seed 0)")
         ax.grid(alpha=0.3)
         if seed0:
             ax.legend(fontsize=6)
@@ -295,8 +302,8 @@ def write_report(root: Path, out: Path, command: str, shape: dict) -> Path:
     records = run_records(runs)
     out.mkdir(parents=True, exist_ok=True)
     (out / "lm.json").write_text(json.dumps(records, indent=1))
-    plots = _plots(runs, out)
     steptime = json.loads((root / "steptime.json").read_text()) if (root / "steptime.json").exists() else None
+    plots = _plots(runs, out, steptime and steptime["seconds"])
     text = ["# Language modelling with tree feedforwards\n", f"Command: `{command}`\n",
             f"{len(runs)} runs under `{root}`. Model: {shape['layers']} layers, dim {shape['dim']}, "
             f"{shape['heads']} heads, context {shape['context']}; character-level text; losses in nats per "
@@ -311,7 +318,7 @@ def write_report(root: Path, out: Path, command: str, shape: dict) -> Path:
         s = steptime["seconds"]
         rest = s["no-ffn"]
         text += ["## Training-step time: feedforward vs the rest\n",
-                 f"Interleaved medians in one process (batch {steptime['batch']}, {steptime['threads']} threads, load "
+                 f"Interleaved medians in one process (batch {steptime['batch']}, torch threads {steptime['threads']}, load "
                  f"average {steptime['load_average']:.2f}); 'rest' = the same model without feedforwards.\n",
                  "| variant | ms / step | feedforward ms | rest ms | vs dense |", "|---|---:|---:|---:|---:|"]
         text += [f"| {n} | {1e3 * t:.0f} | {1e3 * (t - rest):.0f} | {1e3 * rest:.0f} | {s['dense'] / t:.2f}x |"
