@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The runs behind docs/kernels.md. Outputs: benchmarks/results/*.txt, docs/bench_depth.png.
-# Usage: bash benchmarks/run_all.sh   (from the repo root; ~20-25 min on a 2-core machine)
+# Usage: bash benchmarks/run_all.sh   (from the repo root; ~12 min on a 2-core machine, 7 of them the
+# GPT-2-small serving run)
 set -euo pipefail
 B=.venv/bin/fastff
 R=benchmarks/results
@@ -20,3 +21,7 @@ run nt_1x11_t1    --layer neuron-tree --depth 11 --trees 1 --dim 768 --batch 1,6
 run fff_d8_l16_t1 --layer fff --depth 8 --leaf 16 --dim 768 --batch 1,64,4096 --repeats 30 --threads 1
 run depth_sweep   --layer neuron-tree --depth 11 --dim 768 --batch 1 --repeats 40 --threads 1 \
                   --plot docs/bench_depth.png --plot-depths 1-15 --plot-batch 64
+# cost of one small-batch call: kernel / backend / layer / nn.Linear (thread CPU time, 1 thread)
+.venv/bin/python benchmarks/call_overhead.py | tee "$R/call_overhead.txt"
+# end to end: a GPT-2-small-shaped model, prefill and KV-cache decoding, dense / int8 / trees
+.venv/bin/fastff lm bench 2>"$R/lm_bench.log" | tee "$R/lm_bench.txt"

@@ -142,3 +142,14 @@ def test_train_with_local_adam(text_file, tmp_path, ffn):
     assert metrics["history"][-1]["val_loss"] < 0.9 * math.log(len(vocab))     # below uniform guessing
     assert config["train"]["optimizer"] == "local-adam" and config["train"]["weight_decay"] == 0.0
     assert config["model"]["ffn_options"]["usage"] == ("hard" if ffn == "neuron-tree" else "soft")
+
+
+def test_bench_defaults_are_a_valid_gpt2_small_setting():
+    """The default `fastff lm bench` shape fits its own prompt and decoded tokens (checked before timing)."""
+    import argparse
+    from fastff.apps import lm as app
+    parser = argparse.ArgumentParser()
+    app.add_arguments(parser)
+    args = parser.parse_args(["bench"])
+    assert (args.layers, args.dim, args.heads, args.depth) == (12, 768, 12, 11)
+    assert args.prompt_tokens == 512 and args.prompt_tokens + args.new_tokens <= args.context

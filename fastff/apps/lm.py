@@ -122,7 +122,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--json", action="store_true")
 
     b = sub.add_parser("bench", help="end-to-end inference (or --train step) timing vs dense and int8")
-    add_model_arguments(b, layers=12, dim=768, heads=12, context=512)
+    add_model_arguments(b, layers=12, dim=768, heads=12, context=1024)
     b.set_defaults(depth=11)                       # UltraFastBERT's 1x11: 4095 neurons, 12 per token
     b.add_argument("--vocab", type=int, default=84, help="vocabulary size (84 = the Shakespeare characters)")
     b.add_argument("--ffns", default=",".join(BENCH_FFNS), help=f"comma-separated subset of {','.join(BENCH_FFNS)}")
