@@ -153,3 +153,9 @@ def test_bench_defaults_are_a_valid_gpt2_small_setting():
     args = parser.parse_args(["bench"])
     assert (args.layers, args.dim, args.heads, args.depth) == (12, 768, 12, 11)
     assert args.prompt_tokens == 512 and args.prompt_tokens + args.new_tokens <= args.context
+
+
+def test_experiment_rejects_unknown_ablations(text_file, tmp_path):
+    with pytest.raises(ValueError, match="--ablations: unknown wide"):
+        main(["lm", "experiment", "--text", str(text_file), "--stages", "ablation", "--ablations", "16x5,wide",
+              "--runs", str(tmp_path)])

@@ -70,6 +70,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stages", default="tune,steptime,steps,time,ablation",
                    help="comma-separated stages to run (the report always covers every finished run)")
     p.add_argument("--only", default=None, help="comma-separated variant names: run only these")
+    p.add_argument("--ablations", default=None,
+                   help=f"comma-separated subset of the ablation stage's runs (default: all of {','.join(ABLATIONS)})")
     p.add_argument("--runs", default="runs/lm", help="parent directory of the run directories")
     p.add_argument("--results", default="docs/results", help="where lm.md, lm.json and the plots go")
     p.add_argument("--threads", type=int, default=2)
@@ -156,6 +158,10 @@ def _floats(text: str) -> list[float]:
 
 
 def run(args) -> int:
+    ablations = args.ablations.split(",") if args.ablations else list(ABLATIONS)
+    unknown = sorted(set(ablations) - set(ABLATIONS))
+    if unknown:
+        raise ValueError(f"--ablations: unknown {', '.join(unknown)}; choose from {', '.join(ABLATIONS)}")
     splits = split_text(load_shakespeare() if args.text is None else load_text(args.text))
     grid = Grid(args, splits)
     stages = set(args.stages.split(","))
@@ -183,7 +189,7 @@ def run(args) -> int:
             for seed in range(args.seeds if name in MAIN else 1):
                 grid.train(f"time_{name}_s{seed}", name, steps, seed, lr_of(name))
     if "ablation" in stages:
-        for ablation in ABLATIONS:
+        for ablation in ablations:
             grid.train(f"ablation_{ablation}_s0", f"ablation:{ablation}", args.steps, 0, lr_of("neuron-tree-1x11"))
     write_report(grid.root, Path(args.results), getattr(args, "command_line", "fastff lm experiment"), _shape(args))
     return 0
