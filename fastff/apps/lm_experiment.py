@@ -36,6 +36,9 @@ from .timing import median_times
 VARIANTS = {
     "dense": ("dense", dict(ffn="dense", ffn_width=1024), {}),
     "dense-small": ("dense-small", dict(ffn="dense", ffn_width=12), {}),
+    # dense FFNs as wide as the 4x8 / 16x5 trees' neurons per token (36, 96), with dense-small's lr
+    "dense-36": ("dense-small", dict(ffn="dense", ffn_width=36), {}),
+    "dense-96": ("dense-small", dict(ffn="dense", ffn_width=96), {}),
     "neuron-tree-1x11": ("neuron-tree", dict(ffn="neuron-tree", depth=11, ffn_width=4095), {}),
     "neuron-tree-1x10": ("neuron-tree", dict(ffn="neuron-tree", depth=10, ffn_width=2047), {}),
     "neuron-tree-4x8": ("neuron-tree", dict(ffn="neuron-tree", trees=4, depth=8, ffn_width=2044), {}),
@@ -128,7 +131,12 @@ class Grid:
         interleaved in one process (cached in steptime.json, which must then hold every name)."""
         path = self.root / "steptime.json"
         if path.exists():
-            return json.loads(path.read_text())["seconds"]
+            seconds = json.loads(path.read_text())["seconds"]
+            missing = sorted(set(names) - set(seconds))
+            if missing:
+                raise ValueError(f"{path} has no step time for {', '.join(missing)}: delete it to measure every "
+                                 "variant again (stage 'steptime')")
+            return seconds
         models, opts = {}, {}
         for name in [*names, "no-ffn"]:
             torch.manual_seed(0)
