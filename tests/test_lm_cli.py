@@ -159,3 +159,11 @@ def test_experiment_rejects_unknown_ablations(text_file, tmp_path):
     with pytest.raises(ValueError, match="--ablations: unknown wide"):
         main(["lm", "experiment", "--text", str(text_file), "--stages", "ablation", "--ablations", "16x5,wide",
               "--runs", str(tmp_path)])
+
+
+def test_the_executable_reports_bad_input_in_one_line(monkeypatch, capsys):
+    from fastff.apps import cli
+    monkeypatch.setattr("sys.argv", ["fastff", "lm", "bench", "--ffns", "dense,conv"])
+    assert cli.console() == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastff: error: --ffns must name some of") and "Traceback" not in err

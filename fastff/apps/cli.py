@@ -37,5 +37,16 @@ def main(argv: list[str] | None = None) -> int:
     return importlib.import_module(args._module).run(args) or 0
 
 
+def console() -> int:
+    """The ``fastff`` executable: ``main`` with bad input (``ValueError``, ``FileNotFoundError``: the
+    library's messages say what to change) printed as one line, exit status 2; other errors keep
+    their traceback."""
+    try:
+        return main()
+    except (ValueError, FileNotFoundError) as e:
+        print(f"fastff: error: {e}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())
