@@ -167,3 +167,12 @@ def test_the_executable_reports_bad_input_in_one_line(monkeypatch, capsys):
     assert cli.console() == 2
     err = capsys.readouterr().err
     assert err.startswith("fastff: error: --ffns must name some of") and "Traceback" not in err
+
+
+def test_experiment_stage_names_are_checked_and_report_alone_writes_the_report(text_file, tmp_path):
+    with pytest.raises(ValueError, match="--stages: unknown tunes"):
+        main(["lm", "experiment", "--text", str(text_file), "--stages", "tunes", "--runs", str(tmp_path)])
+    (tmp_path / "runs").mkdir()
+    assert main(["lm", "experiment", "--text", str(text_file), "--stages", "report", "--runs", str(tmp_path / "runs"),
+                 "--results", str(tmp_path / "out"), "--quiet"]) == 0
+    assert "0 runs under" in (tmp_path / "out" / "lm.md").read_text()

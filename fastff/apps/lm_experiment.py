@@ -14,7 +14,8 @@ Stages (all on Shakespeare's complete works, the same model shape and recipe):
    ``--steps`` steps, by the step times of stage 2 (dense itself: its ``steps`` runs);
 5. ``ablation``: neuron-tree 1x11 variations (``ABLATIONS``) at ``--steps`` steps, seed 0.
 
-Then the report: docs/results/lm.md, lm.json (one object per run) and plots.
+Then the report: docs/results/lm.md, lm.json (one object per run) and plots (``--stages report``:
+only the report, from the finished runs).
 """
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ VARIANTS = {
     "moe": ("moe", dict(ffn="moe", ffn_width=1024, leaf=64, top_k=1), dict(balance=0.01)),
 }
 MAIN = ("dense", "dense-small", "neuron-tree-1x11")
+STAGES = ("tune", "steptime", "steps", "time", "ablation", "report")
 TUNE_FAMILIES = {"dense": "dense", "dense-small": "dense-small", "neuron-tree": "neuron-tree-1x11",
                  "fff": "fff", "moe": "moe"}
 # neuron-tree 1x11 variations: name -> (feedforward fields, training overrides)
@@ -70,8 +72,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tune-steps", type=int, default=300, help="steps of the learning-rate search runs")
     p.add_argument("--lrs", default="1e-3,2e-3,4e-3", help="learning rates searched per family")
     p.add_argument("--batch", type=int, default=16, help="sequences per step")
-    p.add_argument("--stages", default="tune,steptime,steps,time,ablation",
-                   help="comma-separated stages to run (the report always covers every finished run)")
+    p.add_argument("--stages", default=",".join(STAGES[:-1]),
+                   help=f"comma-separated stages to run, of {','.join(STAGES)} ('report' alone: only the report; "
+                        "the report always covers every finished run)")
     p.add_argument("--only", default=None, help="comma-separated variant names: run only these")
     p.add_argument("--ablations", default=None,
                    help=f"comma-separated subset of the ablation stage's runs (default: all of {','.join(ABLATIONS)})")
@@ -173,6 +176,8 @@ def run(args) -> int:
     splits = split_text(load_shakespeare() if args.text is None else load_text(args.text))
     grid = Grid(args, splits)
     stages = set(args.stages.split(","))
+    if not stages <= set(STAGES):
+        raise ValueError(f"--stages: unknown {', '.join(sorted(stages - set(STAGES)))}; choose from {', '.join(STAGES)}")
     names = [n for n in VARIANTS if not args.only or n in args.only.split(",")]
     lrs = {}
 
@@ -182,8 +187,9 @@ def run(args) -> int:
             lrs[family] = grid.tuned_lr(family) if "tune" in stages else _read_tuned(grid.root, family)
         return lrs[family]
 
-    for name in names:
-        lr_of(name)
+    if stages & {"tune", "steps", "time", "ablation"}:
+        for name in names:          # every learning rate first: the tune stage runs before any training
+            lr_of(name)
     times = grid.step_times(sorted({"dense", *names})) if "steptime" in stages or "time" in stages else None
     if "steps" in stages:
         for name in names:
