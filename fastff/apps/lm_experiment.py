@@ -69,7 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text", default=None, help="UTF-8 file or directory (default: Shakespeare's complete works)")
     p.add_argument("--steps", type=int, default=600, help="training steps of the equal-steps runs")
     p.add_argument("--seeds", type=int, default=3, help="seeds of the main rows")
-    p.add_argument("--tune-steps", type=int, default=300, help="steps of the learning-rate search runs")
+    p.add_argument("--tune-steps", type=int, default=400, help="steps of the learning-rate search runs")
     p.add_argument("--lrs", default="1e-3,2e-3,4e-3", help="learning rates searched per family")
     p.add_argument("--batch", type=int, default=16, help="sequences per step")
     p.add_argument("--stages", default=",".join(STAGES[:-1]),
