@@ -272,38 +272,51 @@ def _table(records: list[dict], stage: str) -> list[str]:
 
 def _plots(runs: list[dict], out: Path, step_seconds: dict | None) -> list[Path]:
     """Validation loss vs steps and vs training time, loss vs neurons per token. The time axis is
-    steps x the variant's interleaved step time (``step_seconds``, from steptime.json) when known,
-    the run's measured wall-clock otherwise: other jobs on the machine change the latter."""
+    steps x the variant's interleaved step time (``step_seconds``, from steptime.json); without
+    step times, the runs' measured wall-clock (which other jobs on the machine change). A variant
+    without a step time is left out of the time plot rather than put on another clock."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def seconds(r, e):
-        return e["step"] * step_seconds[r["variant"]] if step_seconds and r["variant"] in step_seconds else e["seconds"]
-
-    time_label = "training time (s): steps x interleaved step time" if step_seconds else "training wall-clock (s)"
-    files = []
     seed0 = [r for r in runs if r["seed"] == 0 and r["stage"] in ("steps", "time")]
-    for x_of, label, name in ((lambda r, e: e["step"], "training step", "lm_val_vs_steps.png"),
-                              (seconds, time_label, "lm_val_vs_time.png")):
+    variants = list(dict.fromkeys(r["variant"] for r in seed0))
+    color = {v: plt.get_cmap("tab20")(i % 20) for i, v in enumerate(variants)}
+    if step_seconds:
+        timed = [r for r in seed0 if r["variant"] in step_seconds]
+        seconds = lambda r, e: e["step"] * step_seconds[r["variant"]]
+        time_label = "training time (s): steps x interleaved step time"
+    else:
+        timed, seconds, time_label = seed0, (lambda r, e: e["seconds"]), "training wall-clock (s)"
+    files = []
+    for shown, x_of, label, name in ((seed0, lambda r, e: e["step"], "training step", "lm_val_vs_steps.png"),
+                                     (timed, seconds, time_label, "lm_val_vs_time.png")):
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for r in seed0:
+        for r in shown:
             h = r["metrics"]["history"]
-            ax.plot([x_of(r, e) for e in h], [e["val_loss"] for e in h], marker=".",
+            ax.plot([x_of(r, e) for e in h], [e["val_loss"] for e in h], marker=".", color=color[r["variant"]],
                     linestyle="-" if r["stage"] == "steps" else "--", label=f"{r['variant']} ({r['stage']})")
         ax.set(xlabel=label, ylabel="validation loss (nats / char)", title=f"validation loss vs {label.split(' (')[0]} (seed 0)")
         ax.grid(alpha=0.3)
-        if seed0:
+        if shown:
             ax.legend(fontsize=6)
         fig.tight_layout()
         files.append(out / name)
         fig.savefig(files[-1], dpi=110)
         plt.close(fig)
-    records = run_records([r for r in runs if r["stage"] == "steps"])
+    # equal-steps runs and the ablations (same steps): one point per variant, mean over seeds;
+    # the dense widths joined by a line, the front a tree has to beat
+    records = run_records([r for r in runs if r["stage"] in ("steps", "ablation")])
+    points = {}
+    for r in records:
+        points.setdefault((r["variant"], r["ffn"], r["neurons_per_token"]), []).append(r["val_loss"])
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for variant in dict.fromkeys(r["variant"] for r in records):
-        rs = [r for r in records if r["variant"] == variant]
-        ax.scatter([rs[0]["neurons_per_token"]], [statistics.mean(r["val_loss"] for r in rs)], label=variant)
+    dense = sorted((n, statistics.mean(v)) for (_, ffn, n), v in points.items() if ffn == "dense")
+    if dense:
+        ax.plot(*zip(*dense), color="black", marker="o", label="dense (width = neurons per token)")
+    for (variant, ffn, n), v in points.items():
+        if ffn != "dense":
+            ax.scatter([n], [statistics.mean(v)], label=variant, zorder=3)
     ax.set(xscale="log", xlabel="feedforward neurons per token (per layer)", ylabel="validation loss (equal steps)",
            title="loss vs feedforward neurons evaluated per token")
     ax.grid(alpha=0.3, which="both")
