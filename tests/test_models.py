@@ -1,4 +1,5 @@
 """replace_ffn / carve / distill and the MiniLM pipeline smoke run."""
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, strategies as st
@@ -225,18 +226,26 @@ def test_minilm_pipeline_smoke(tmp_path):
     calib = ["The quick brown fox jumps over the lazy dog.", "A stitch in time saves nine, they say.",
              "Rome was not built in a day.", "Actions speak louder than words.", "Practice makes perfect."]
     held = ["Time flies like an arrow; fruit flies like a banana.", "Every cloud has a silver lining."]
+    human = {"lee": (["Stocks fell sharply today.", "The market dropped.", "A cat sat on the mat."], [0.9, 0.1, 0.2]),
+             "polarity": (["great film", "awful film", "loved it", "hated it"], np.array([1, 0, 1, 0]))}
     res = minilm.evaluate_configs(calib, held, configs=[(1, 64, 32)], block_steps=2, steps=2, batch_size=1,
                                   seq_len=16, batch_sizes=(1,), repeats=1, retrieval_queries=1, topk=1,
-                                  progress=False, ablation=True, val_sentences=1)
-    (row,) = res["rows"]
+                                  progress=False, ablation=True, val_sentences=1, human=human)
+    rows = {r["key"]: r for r in res["rows"]}
+    assert [r["kind"] for r in res["rows"]] == ["dense", "int8", "fff", "fff+int8", "pruned", "pruned+int8"]
+    row = rows["d1-l64-m32"]
+    assert rows["pruned-97"]["neurons"] == row["neurons"] == 97 and rows["dense"]["cos_mean"] == pytest.approx(1)
     assert res["n_val"] == 1 and row["best_step"] in (0, 1, 2)
-    assert 0.0 < row["cos_mean"] <= 1.0 + 1e-6 and row["ffn_speedup"][1] > 0 and row["enc_speedup"][1] > 0
+    assert all(0.0 < r["cos_mean"] <= 1.0 + 1e-6 and r["ffn_speedup"][1] > 0 and r["enc_speedup"][1] > 0
+               and -1 <= r["lee_pearson"] <= 1 and 0 <= r["polarity_acc"] <= 1 for r in res["rows"])
     assert 0.0 < row["cos_blocks"] <= 1.0 + 1e-6 and row["rel_blocks"] <= row["rel_carved"] * 1.05
     assert list(row["ablation"]) == list(minilm.ABLATIONS) and all(0 < c <= 1 + 1e-6 for c in row["ablation"].values())
+    assert not rows["pruned-97"]["ablation"]
     out = tmp_path / "r.md"
     minilm.write_report(res, out, tmp_path / "f.png", command="pytest")
     text = out.read_text()
     assert "cos" in text and "+ residual targets" in text and (tmp_path / "f.png").stat().st_size > 0
+    assert "| pruned-97+int8 | pruned+int8 | 97 |" in text and "Target (an FFF conversion" in text
 
 
 @given(depth=st.integers(0, 4), leaf=st.integers(1, 5), rows=st.integers(0, 40), master=st.booleans(),

@@ -20,24 +20,33 @@ sizes are the flags shown):
             lr 0.2 with cosine decay to 0, h=3 hardening ramped in linearly over the first 10
             epochs), plus FF with its own recipe ``FF_RECIPE`` (SGD momentum 0.9, lr 0.05, weight
             decay 5e-4, cosine decay). Both recipes were chosen on validation accuracy.
+- frontier: FashionMNIST 20 epochs (MNIST-5k: ``--datasets fashion-mnist,mnist5k``, 40 epochs), 3
+            seeds: dense FF widths 4..128, FFF widths 128/512/1024 x leaf 4/8/16, NeuronTrees,
+            MoE top-1 (``FRONTIER_GRID``), each family under the recipe its representative config
+            (``FRONTIER_SEARCH``) does best with on validation among ``FRONTIER_RECIPES`` (seed 0);
+            the tree variants ``FRONTIER_VARIANTS`` are tried on seed 0 and join the grid when their
+            validation accuracy moves the trees' validation front. Then the seed-0 model of every
+            configuration is timed (batch 1 and ``--latency-batch`` rows, 1 and 2 threads, one
+            interleaved ``median_times`` call per setting) and ``frontier.json`` + the report written.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
 
 import torch
 
-from ..data import BUILTIN, Dataset
+from ..data import Dataset
 from ..models.vit import TinyViT
 from ..threads import set_threads
 from ..training.trainer import TrainConfig
 from .timing import median_times
 
-EXPERIMENTS = ("table1", "ablation", "moe", "vit", "recipe")
+EXPERIMENTS = ("table1", "ablation", "moe", "vit", "recipe", "frontier")
 # The `recipe` grid's training recipe (the other grids keep the FFF paper's: SGD 0.2 without
 # schedule, h=3 from the first step) and the FFF l=8 variants it trains with it.
 RECIPE = dict(schedule="cosine", hardening_warmup=10, epochs=50)
@@ -49,6 +58,38 @@ RECIPE_VARIANTS = {"fff": {}, "balance": dict(balance=0.1), "master-scalar": dic
 # FF's best recipe on validation (better than RECIPE for FF, worse for FFF)
 FF_RECIPE = dict(schedule="cosine", epochs=50, lr=0.05, momentum=0.9, weight_decay=5e-4)
 
+# `frontier`: every family trains under the candidate recipe its representative configuration
+# (FRONTIER_SEARCH, seed 0) reaches the best validation accuracy with.
+FRONTIER_EPOCHS = 20
+FRONTIER_RECIPES = {"sgd": dict(lr=0.2, schedule="cosine"),
+                    "momentum": dict(lr=0.05, momentum=0.9, weight_decay=5e-4, schedule="cosine"),
+                    "adam": dict(optimizer="adam", lr=1e-3, schedule="cosine")}
+FRONTIER_FAMILIES = {"dense": dict(model="dense"),
+                     "fff": dict(model="fff", hardening=3.0),          # h ramped in over the first third
+                     "neuron-tree": dict(model="neuron-tree", activation="gelu"),   # UltraFastBERT's GELU
+                     "moe": dict(model="moe", balance=0.01)}          # Switch's load-balancing alpha
+FRONTIER_SEARCH = {"dense": dict(width=16), "fff": dict(width=128, leaf=8), "neuron-tree": dict(width=1023),
+                   "moe": dict(width=128, leaf=16)}
+# dense widths: 4..128 plus every neuron count a tree of the grid or the variants uses at <= 16,
+# so each tree meets the dense FF of exactly its inference neurons
+FRONTIER_GRID = {"dense": [dict(width=w) for w in (4, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 24, 32, 64, 128)],
+                 "fff": [dict(width=w, leaf=leaf) for w in (128, 512, 1024) for leaf in (4, 8, 16)],
+                 "neuron-tree": [dict(width=127), dict(width=1023), dict(width=4095), dict(width=16383),
+                                 dict(width=254, trees=2), dict(width=252, trees=4)],
+                 "moe": [dict(width=w, leaf=leaf) for w in (128, 512, 1024) for leaf in (8, 16)]}
+# Tree improvements, tried on the first seed: (config of the "fff" family, variant name, options):
+# routing-aware initialisation (every node a balanced principal-direction split), load balancing
+# from the first step, a master leaf, a larger training width at the same inference cost trained
+# in O(depth) (hard_path, 16 neurons per inference), and shallower trees with wider leaves (no
+# variant name: plain FFFs outside the grid's widths).
+FRONTIER_VARIANTS = [(dict(width=96, leaf=12), "", {}), (dict(width=56, leaf=14), "", {}),
+                     (dict(width=128, leaf=8), "pca", dict(routing_init="pca")),
+                     (dict(width=128, leaf=4), "master", dict(master_leaf="scalar")),
+                     (dict(width=512, leaf=4), "master", dict(master_leaf="scalar")),
+                     (dict(width=2048, leaf=8), "hardpath-balance", dict(train_mode="hard_path", balance=0.1)),
+                     (dict(width=2048, leaf=8), "pca-hardpath-balance",
+                      dict(routing_init="pca", train_mode="hard_path", balance=0.1))]
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", choices=EXPERIMENTS)
@@ -57,18 +98,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seeds are first-seed .. first-seed+seeds-1 (to split a grid over processes)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: per experiment)")
     p.add_argument("--epochs-fashion", type=int, default=10, help="table1: FashionMNIST epochs (default 10)")
-    p.add_argument("--epochs-mnist", type=int, default=40, help="table1: MNIST-5k epochs (default 40)")
-    p.add_argument("--datasets", default="fashion-mnist,mnist5k", help="table1: comma-separated datasets")
+    p.add_argument("--epochs-mnist", type=int, default=40, help="table1, frontier: MNIST-5k epochs (default 40)")
+    p.add_argument("--datasets", default=None,
+                   help="table1, frontier: comma-separated datasets (default: table1 fashion-mnist,mnist5k; "
+                        "frontier fashion-mnist)")
     p.add_argument("--widths", default="16,32,64,128", help="table1: training widths")
     p.add_argument("--leaves", default="1,2,4,8", help="table1: FFF leaf widths")
     p.add_argument("--limit", type=int, default=None, help="training rows per run (vit default 5000; 0 = all)")
     p.add_argument("--only", default=None,
                    help="comma-separated substrings: train only runs whose name contains one (report covers all)")
+    p.add_argument("--skip", default=None,
+                   help="comma-separated substrings: do not train runs whose name contains one (report covers all)")
     p.add_argument("--runs", default="runs", help="parent directory of the run directories")
     p.add_argument("--results", default="docs/results", help="where the report goes")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--latency-batch", type=int, default=4096,
+                   help="frontier: the large batch (validation rows) timed besides batch 1 (default 4096)")
+    p.add_argument("--latency-repeats", type=int, default=300,
+                   help="frontier: timed calls per model at batch 1 (a tenth, at least 5, at the large batch)")
     p.add_argument("--no-report", action="store_true", help="only train")
     p.add_argument("--quiet", action="store_true")
+
+
+def _data_tag(data: str) -> str:
+    """Run-name tag of a dataset: its builtin name, or the file / directory name of a user path."""
+    return Path(data).name
 
 
 def _ints(text: str) -> list[int]:
@@ -79,9 +133,9 @@ def grid(args: argparse.Namespace) -> list[tuple[str, TrainConfig]]:
     """(run name, config) for every run of the experiment, seeds innermost-last."""
     runs: list[tuple[str, dict]] = []
     if args.name == "table1":
-        for data in args.datasets.split(","):
+        for data in (args.datasets or "fashion-mnist,mnist5k").split(","):
             epochs = args.epochs or (args.epochs_fashion if data == "fashion-mnist" else args.epochs_mnist)
-            tag = data if data in BUILTIN else Path(data).name                # run names for user paths
+            tag = _data_tag(data)
             for w in _ints(args.widths):
                 runs.append((f"{tag}_ff_w{w}", dict(data=data, model="ff", width=w, epochs=epochs)))
                 for leaf in _ints(args.leaves):
@@ -111,13 +165,15 @@ def grid(args: argparse.Namespace) -> list[tuple[str, TrainConfig]]:
         runs = [("recipe_ff", base | dict(model="ff")),
                 ("recipe_ff-momentum", data | FF_RECIPE | dict(model="ff", epochs=epochs))]
         runs += [(f"recipe_{k}", base | dict(model="fff", leaf=8) | v) for k, v in RECIPE_VARIANTS.items()]
-    else:  # vit
+    elif args.name == "vit":
         limit = 5000 if args.limit is None else args.limit
         base = dict(data="fashion-mnist", arch="vit", width=128, epochs=args.epochs or 3, limit=limit or None,
                     activation="gelu", lr=0.05, momentum=0.9, hardening=0.5, hardening_mode="reach")
         runs = [("vit_ff", base | dict(model="ff")),
                 ("vit_fff_l1_d7", base | dict(model="fff", leaf=1)),
                 ("vit_fff_l8_d4", base | dict(model="fff", leaf=8))]
+    else:
+        raise ValueError(f"{args.name!r} is trained in stages: see frontier_search, frontier_grid, frontier_variants")
     if args.limit is not None and args.name != "vit":
         runs = [(n, c | dict(limit=args.limit or None)) for n, c in runs]
     return [(f"{name}_s{seed}", TrainConfig(**cfg, seed=seed).validate())
@@ -150,17 +206,110 @@ def save_ffn_timing(out: Path, model: TinyViT, data: Dataset, rows: int = 1000) 
          "ffn_neurons_per_inference": model.blocks[0].ffn.neurons_per_inference}, indent=1))
 
 
-def run(args: argparse.Namespace) -> int:
+def _frontier_run(args, data: str, family: str, recipe: str, c: dict, seed: int, variant: str = "",
+                  options: dict | None = None) -> tuple[str, TrainConfig]:
+    """(run name, config) of one frontier run: family options, recipe, config ``c``, variant options."""
+    epochs = args.epochs or (FRONTIER_EPOCHS if data == "fashion-mnist" else args.epochs_mnist)
+    ramp = dict(hardening_warmup=round(epochs / 3)) if family == "fff" else {}
+    cfg = dict(data=data, epochs=epochs) | FRONTIER_FAMILIES[family] | ramp | FRONTIER_RECIPES[recipe] | c | (options or {})
+    if args.limit is not None:
+        cfg["limit"] = args.limit or None
+    shape = f"w{c['width']}" + "".join(f"_{k[0]}{c[k]}" for k in ("leaf", "trees") if k in c)
+    name = f"frontier_{_data_tag(data)}_{family}_{shape}{'_' + variant if variant else ''}_{recipe}_s{seed}"
+    return name, TrainConfig(**cfg, seed=seed).validate()
+
+
+def _frontier_datasets(args) -> list[str]:
+    return (args.datasets or "fashion-mnist").split(",")
+
+
+def frontier_search(args) -> list[tuple[str, TrainConfig]]:
+    """Seed-``first_seed`` runs of every family's representative config under every candidate recipe."""
+    return [_frontier_run(args, data, family, recipe, FRONTIER_SEARCH[family], args.first_seed)
+            for data in _frontier_datasets(args) for family in FRONTIER_FAMILIES for recipe in FRONTIER_RECIPES]
+
+
+def frontier_grid(args, recipes: dict) -> list[tuple[str, TrainConfig]]:
+    """Every ``FRONTIER_GRID`` config and seed under its family's picked recipe (``pick_recipes``)."""
+    return [_frontier_run(args, data, family, recipes[data][family]["picked"], c, seed)
+            for data in _frontier_datasets(args) for family, configs in FRONTIER_GRID.items() for c in configs
+            for seed in range(args.first_seed, args.first_seed + args.seeds)]
+
+
+def frontier_variants(args, recipes: dict, seeds=None) -> list[tuple[str, TrainConfig]]:
+    """The ``FRONTIER_VARIANTS`` runs (fff family recipe) for ``seeds`` (default: the first seed only)."""
+    seeds = [args.first_seed] if seeds is None else seeds
+    return [_frontier_run(args, data, "fff", recipes[data]["fff"]["picked"], base, seed, variant, options)
+            for data in _frontier_datasets(args) for base, variant, options in FRONTIER_VARIANTS for seed in seeds]
+
+
+def _selected(root: Path, name: str) -> dict:
+    m = json.loads((root / name / "metrics.json").read_text())
+    return {"val": m["selected"]["val_acc"], "neurons": m["neurons_per_inference"]}
+
+
+def pick_recipes(root: Path, search: list[tuple[str, TrainConfig]]) -> dict:
+    """{data: {family: {"picked": recipe, "val": {recipe: validation accuracy}}}} from the search
+    runs: each family's recipe is the one with the best validation accuracy (first on ties)."""
+    out: dict = {}
+    for name, cfg in search:
+        family = next(f for f, opts in FRONTIER_FAMILIES.items() if opts["model"] == cfg.model)
+        recipe = name.rsplit("_", 2)[-2]
+        entry = out.setdefault(cfg.data, {}).setdefault(family, {"val": {}})
+        entry["val"][recipe] = _selected(root, name)["val"]
+    for families in out.values():
+        for entry in families.values():
+            entry["picked"] = max(entry["val"], key=lambda r: (entry["val"][r], -list(entry["val"]).index(r)))
+    return out
+
+
+def kept_variants(root: Path, grid: list[tuple[str, TrainConfig]], tried: list[tuple[str, TrainConfig]]) -> list[dict]:
+    """Judge every tried variant (first-seed run) against the plain trees of its data: it is kept if its
+    validation accuracy beats every plain FFF / NeuronTree first-seed run with no more neurons per
+    inference (it moves the trees' validation front). Returns one record per variant."""
+    first = {}
+    for name, cfg in grid:
+        first.setdefault(name.rsplit("_s", 1)[0], (name, cfg))
+    plain = [(cfg.data, _selected(root, name)) for name, cfg in first.values()
+             if cfg.model in ("fff", "neuron-tree") and (root / name / "metrics.json").exists()]
+    records = []
+    for name, cfg in tried:
+        if not (root / name / "metrics.json").exists():
+            continue
+        got = _selected(root, name)
+        front = max((p["val"] for data, p in plain if data == cfg.data and p["neurons"] <= got["neurons"]), default=0.0)
+        records.append({"run": name.rsplit("_s", 1)[0], "data": cfg.data, **got, "front_val": front,
+                        "kept": got["val"] > front})
+    return records
+
+
+@torch.inference_mode()
+def frontier_latency(models: dict[str, torch.nn.Module], x: torch.Tensor, repeats: int,
+                     threads=(1, 2)) -> dict:
+    """Eval latency of every model (seconds, median): {"b1" / "bN": {threads: {name: s}}}, at batch 1
+    (the first row of x) and batch len(x) (a tenth of the repeats, at least 5), each setting one
+    interleaved ``median_times`` call (each timed call right after an untimed one of the same
+    model). Also the machine's load average before and after. x (N, features)."""
+    out = {"batch": len(x), "repeats": repeats, "loadavg_before": os.getloadavg(), "b1": {}, "bN": {}}
+    before = torch.get_num_threads()
+    try:
+        for t in threads:
+            set_threads(t)
+            for key, xb, reps in (("b1", x[:1], repeats), ("bN", x, max(5, repeats // 10))):
+                out[key][t] = median_times({n: (lambda m=m, xb=xb: m(xb)) for n, m in models.items()}, reps,
+                                           rewarm=True)
+    finally:
+        set_threads(before)
+    out["loadavg_after"] = os.getloadavg()
+    return out
+
+
+def _train(root: Path, todo: list[tuple[str, TrainConfig]], args) -> None:
+    """Train every run of ``todo`` whose metrics.json does not exist yet (each split loaded once)."""
     from ..data import load_dataset
     from ..training.trainer import fit, save_run
-    from .report import write_report
 
-    set_threads(args.threads)
-    root = Path(args.runs) / args.name
-    todo = grid(args)
-    if args.only:
-        todo = [(n, c) for n, c in todo if any(part in n for part in args.only.split(","))]
-    todo.sort(key=lambda item: (item[1].data, item[1].seed, item[1].limit or 0))  # load each split once
+    todo = sorted(todo, key=lambda item: (item[1].data, item[1].seed, item[1].limit or 0))
     cache: dict = {}
     for i, (name, cfg) in enumerate(todo, 1):
         out = root / name
@@ -176,8 +325,57 @@ def run(args: argparse.Namespace) -> int:
             save_ffn_timing(out, model, cache[key])
         print(f"[{i}/{len(todo)}] {name}: GA {result.test['acc']:.2f}  MA {result.train_acc:.2f}  "
               f"({result.training_seconds:.0f}s)", flush=True)
+
+
+def _wanted(todo: list[tuple[str, TrainConfig]], args) -> list[tuple[str, TrainConfig]]:
+    """The runs of ``todo`` that ``--only`` selects and ``--skip`` does not drop."""
+    def matches(name: str, parts: str | None) -> bool:
+        return any(part in name for part in parts.split(",") if part)
+
+    return [(n, c) for n, c in todo if (not args.only or matches(n, args.only)) and not (args.skip and matches(n, args.skip))]
+
+
+def run_frontier(root: Path, args) -> dict:
+    """The staged frontier grid (see the module docstring); writes and returns ``frontier.json``."""
+    from ..data import load_dataset
+    from ..training.trainer import load_run
+
+    search = frontier_search(args)
+    _train(root, search, args)
+    recipes = pick_recipes(root, search)
+    grid = frontier_grid(args, recipes)
+    _train(root, _wanted(grid, args), args)
+    tried = frontier_variants(args, recipes)
+    _train(root, _wanted(tried, args), args)
+    variants = kept_variants(root, grid, tried)
+    kept = {v["run"] for v in variants if v["kept"]}
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    grid += [(n, c) for n, c in frontier_variants(args, recipes, seeds) if n.rsplit("_s", 1)[0] in kept]
+    _train(root, _wanted(grid, args), args)
+    meta = {"recipes": recipes, "variants": variants, "grid": sorted({n.rsplit("_s", 1)[0] for n, _ in grid}),
+            "first_seed": args.first_seed, "latency": {}}
+    for data in _frontier_datasets(args):
+        names = [p for p in meta["grid"] if p.startswith(f"frontier_{_data_tag(data)}_")
+                 and (root / f"{p}_s{args.first_seed}" / "metrics.json").exists()]
+        models = {p: load_run(root / f"{p}_s{args.first_seed}")[0] for p in names}
+        x = load_dataset(data, seed=args.first_seed).val.x[:args.latency_batch]
+        meta["latency"][data] = frontier_latency(models, x, args.latency_repeats)
+    (root / "frontier.json").write_text(json.dumps(meta, indent=1))
+    return meta
+
+
+def run(args: argparse.Namespace) -> int:
+    from .report import write_frontier_report, write_report
+
+    set_threads(args.threads)
+    root = Path(args.runs) / args.name
+    if args.name == "frontier":
+        run_frontier(root, args)
+    else:
+        _train(root, _wanted(grid(args), args), args)
     if not args.no_report:
         command = "fastff experiment " + " ".join(shlex.quote(a) for a in sys.argv[sys.argv.index(args.name):]) \
             if args.name in sys.argv else f"fastff experiment {args.name}"
-        write_report(root, Path(args.results), name=args.name, command=command)
+        writer = write_frontier_report if args.name == "frontier" else write_report
+        writer(root, Path(args.results), name=args.name, command=command)
     return 0

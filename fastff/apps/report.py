@@ -1,6 +1,8 @@
 """`fastff report RUNS --out DIR`: summarise run directories (written by `fastff train` or
 `fastff experiment`) into a markdown table (mean ± std over seeds) and PNG plots:
-accuracy vs inference neurons, leaf-usage histograms, node entropy over epochs.
+accuracy vs inference neurons, leaf-usage histograms, node entropy over epochs. A
+`fastff experiment frontier` directory (holding ``frontier.json``) gets the frontier report
+instead: accuracy against neurons and measured latency, each family's Pareto front, the target.
 
 Runs are grouped by their config without the seed. MA (memorisation accuracy) is the eval-mode
 accuracy on the whole training split of the checkpoint selected on validation; GA
@@ -34,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
     root = Path(args.runs)
     command = "fastff report " + " ".join(shlex.quote(a) for a in sys.argv[sys.argv.index("report") + 1:]) \
         if "report" in sys.argv else f"fastff report {root} --out {args.out}"
-    md = write_report(root, Path(args.out), name=args.name or root.resolve().name, command=command)
+    writer = write_frontier_report if (root / "frontier.json").exists() else write_report
+    md = writer(root, Path(args.out), name=args.name or root.resolve().name, command=command)
     print(md.read_text())
     return 0
 
@@ -224,6 +227,214 @@ def write_report(root: Path, out: Path, name: str, command: str) -> Path:
             "'used leaves' = exp(entropy) of the hard leaf-usage histogram on 10k training rows.\n",
             markdown(columns, rows), ""]
     text += [f"![{p.stem}]({p.name})" for p in plots]
+    md = out / f"{name}.md"
+    md.write_text("\n".join(text) + "\n")
+    return md
+
+
+FAMILIES = {"ff": "dense", "dense": "dense", "fff": "FFF", "neuron-tree": "NeuronTree", "moe": "MoE"}
+COLOURS = {"dense": "tab:blue", "FFF": "tab:red", "NeuronTree": "tab:green", "MoE": "tab:purple"}
+TREES = ("FFF", "NeuronTree")
+COSTS = {"neurons": "neurons per inference", "b1_1": "batch 1, 1 thread (µs)", "b1_2": "batch 1, 2 threads (µs)",
+         "bN_1": "batch {N}, 1 thread (ms)", "bN_2": "batch {N}, 2 threads (ms)"}
+
+
+def _shape(row: dict) -> str:
+    """Readable config of a frontier row, e.g. ``FFF w=1024 l=8 (d7)``, ``NeuronTree 2x6``."""
+    c, family = row["config"], row["family"]
+    if family == "FFF":
+        shape = f"w={c['width']} l={c['leaf']} (d{(c['width'] // c['leaf']).bit_length() - 1})"
+    elif family == "NeuronTree":
+        shape = f"{c['trees']}x{row['neurons'] // c['trees'] - 1}"
+    elif family == "MoE":
+        shape = f"{c['width'] // c['leaf']}x{c['leaf']} top-{c['top_k']}"
+    else:
+        shape = f"w={c['width']}"
+    tokens = row["run"].partition(f"_{c['model']}_")[2].split("_")[:-1]       # shape tokens, variant; no recipe
+    variant = "_".join(t for t in tokens if not re.fullmatch(r"[wlt]\d+", t))
+    return f"{family} {shape}" + (f" + {variant}" if variant else "")
+
+
+def pareto(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points (cost, value) no other point dominates (cost <= and value >=, one strictly)."""
+    return [i for i, (c, v) in enumerate(points)
+            if not any((c2 <= c and v2 >= v) and (c2 < c or v2 > v) for c2, v2 in points)]
+
+
+def frontier_rows(root: Path) -> tuple[dict, list[dict]]:
+    """(frontier.json, one summary row per grid configuration with "family", "shape", "recipe",
+    "cost" {neurons, b1_1, b1_2, bN_1, bN_2} and "front" {cost: on its family's validation front})."""
+    meta = json.loads((Path(root) / "frontier.json").read_text())
+    runs = [r for r in load_runs(root) if re.sub(r"_s\d+$", "", r["dir"].name) in meta["grid"]]
+    _, rows = summarise(group_runs(runs))
+    for r in rows:
+        r["family"] = FAMILIES[r["config"]["model"]]
+        r["shape"], r["recipe"] = _shape(r), r["run"].rsplit("_", 1)[1]
+        lat = meta["latency"].get(r["config"]["data"], {})
+        r["cost"] = {"neurons": r["neurons"]}
+        for key, scale in (("b1", 1e6), ("bN", 1e3)):
+            for t, times in lat.get(key, {}).items():
+                if r["run"] in times:
+                    r["cost"][f"{key}_{t}"] = scale * times[r["run"]]
+        r["front"] = {}
+    for data in {r["config"]["data"] for r in rows}:
+        for family in COLOURS:
+            sub = [r for r in rows if r["config"]["data"] == data and r["family"] == family]
+            for cost in COSTS:
+                have = [r for r in sub if cost in r["cost"]]
+                for i in pareto([(r["cost"][cost], np.mean(r["val"])) for r in have]):
+                    have[i]["front"][cost] = True
+    return meta, rows
+
+
+TARGET_CHECKS = {"neurons": "no more neurons per inference", "b1_1": "no slower at batch 1 (1 thread)",
+                 "either": "no more neurons or no slower at batch 1: the target's check"}
+
+
+def best_cheaper(tree: dict, dense: list[dict], cost: str) -> tuple[list[dict], dict | None, float]:
+    """The dense rows no costlier than ``tree`` in ``cost`` (a ``COSTS`` key, or "either": neurons or
+    b1_1), the most accurate of them (mean GA) and the GA gap tree − it (inf if there is none)."""
+    def no_costlier(r, c):
+        return r["cost"].get(c, float("inf")) <= tree["cost"].get(c, float("inf"))
+
+    rivals = [r for r in dense if (no_costlier(r, "neurons") or no_costlier(r, "b1_1") if cost == "either"
+                                   else no_costlier(r, cost))]
+    top = max(rivals, key=lambda r: np.mean(r["GA"]), default=None)
+    return rivals, top, (np.mean(tree["GA"]) - np.mean(top["GA"]) if top else float("inf"))
+
+
+def frontier_target(rows: list[dict], max_neurons: int = 16, margin: float = 1.0) -> dict | None:
+    """The best tree (by mean validation accuracy) with at most ``max_neurons`` neurons per inference
+    against the dense FFs no costlier than it (``TARGET_CHECKS``; the target is "either": it must
+    beat all of those). GA means; ``met`` = ``margin`` reached."""
+    trees = [r for r in rows if r["family"] in TREES and r["neurons"] <= max_neurons]
+    if not trees:
+        return None
+    best = max(trees, key=lambda r: np.mean(r["val"]))
+    dense = [r for r in rows if r["family"] == "dense"]
+    out = {"tree": best, "margin": margin}
+    for k in TARGET_CHECKS:
+        rivals, top, gap = best_cheaper(best, dense, k)
+        out[k] = {"rivals": rivals, "best": top, "gap": gap, "met": gap >= margin}
+    return out
+
+
+def _frontier_plot(rows: list[dict], path: Path, title: str, batch: int) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
+    for ax, (cost, label) in zip(axes.flat, COSTS.items()):
+        for family, colour in COLOURS.items():
+            sub = sorted((r for r in rows if r["family"] == family and cost in r["cost"]), key=lambda r: r["cost"][cost])
+            if not sub:
+                continue
+            ax.errorbar([r["cost"][cost] for r in sub], [np.mean(r["GA"]) for r in sub],
+                        yerr=[np.std(r["GA"]) for r in sub], fmt="o", ms=4, alpha=0.45, capsize=2,
+                        color=colour)
+            front = [r for r in sub if r["front"].get(cost)]
+            ax.plot([r["cost"][cost] for r in front], [np.mean(r["GA"]) for r in front], "-o", ms=5,
+                    drawstyle="steps-post", color=colour, label=family)
+        ax.set_xscale("log")
+        ax.set_xlabel(label.format(N=batch))
+        ax.set_ylabel("test accuracy GA (%)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8, loc="lower right")
+    axes.flat[-1].axis("off")
+    axes.flat[-1].text(0, 0.5, "dots: every configuration (mean ± std over seeds)\n"
+                       "lines: each family's Pareto front,\nchosen on mean validation accuracy,\n"
+                       "drawn at the test accuracy", fontsize=10, va="center")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_frontier_report(root: Path, out: Path, name: str, command: str) -> Path:
+    """``out/<name>.md`` and ``out/<name>_<data>.png`` for a ``fastff experiment frontier`` run
+    directory (its ``frontier.json`` and runs); returns the md path."""
+    meta, rows = frontier_rows(root)
+    out.mkdir(parents=True, exist_ok=True)
+    text = [f"# {name}\n", f"Command: `{command}`\n",
+            "Mean ± std over seeds; GA = test accuracy of the checkpoint selected on validation (test evaluated "
+            "once per run); 'used leaves' = exp(entropy) of the hard leaf-usage histogram. Latency: eval forward "
+            "of the first seed's model under `torch.inference_mode()`, fastff's default backend, median of "
+            "interleaved calls (one `median_times` call per column, each timed call right after an untimed one "
+            "of the same model). 'front' = on its family's Pareto front of mean validation accuracy against "
+            "neurons / b1 / bN latency (1 thread).\n"]
+    for data in dict.fromkeys(r["config"]["data"] for r in rows):
+        sub = sorted((r for r in rows if r["config"]["data"] == data),
+                     key=lambda r: (list(COLOURS).index(r["family"]), r["neurons"]))
+        lat = meta["latency"].get(data, {})
+        batch = lat.get("batch", 0)
+        recipes = meta["recipes"].get(data, {})
+        text += [f"\n## {data}\n", "Recipes (validation accuracy % of each family's representative config, "
+                 "first seed; the best is used for the whole family):\n",
+                 "| family | " + " | ".join(next(iter(recipes.values()))["val"]) + " | picked |",
+                 "|---|" + "---|" * (len(next(iter(recipes.values()))["val"]) + 1)]
+        text += [f"| {fam} | " + " | ".join(f"{v:.2f}" for v in e["val"].values()) + f" | {e['picked']} |"
+                 for fam, e in recipes.items()]
+        tried = [v for v in meta["variants"] if v["data"] == data]
+        if tried:
+            text += ["", "Tree variants (first seed; kept = validation accuracy above every plain tree with no more "
+                     "neurons):", "", "| run | neurons | val % | best plain tree val % | kept |", "|---|---|---|---|---|"]
+            text += [f"| {v['run']} | {v['neurons']} | {v['val']:.2f} | {v['front_val']:.2f} | "
+                     f"{'yes' if v['kept'] else 'no'} |" for v in tried]
+        if lat:
+            text += ["", f"Load average (1, 5, 15 min) before timing: {', '.join(f'{x:.2f}' for x in lat['loadavg_before'])}; "
+                     f"after: {', '.join(f'{x:.2f}' for x in lat['loadavg_after'])}. Batch 1: {lat['repeats']} timed "
+                     f"calls per model, batch {batch}: {max(5, lat['repeats'] // 10)}."]
+        head = ["family", "config", "recipe", "seeds", "neurons/inference", "val %", "GA %", "MA %", "used leaves",
+                "b1 1t µs", "b1 2t µs", f"b{batch} 1t ms", f"b{batch} 2t ms", "front (neurons / b1 / bN)"]
+        text += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in sub:
+            cost = ["-" if k not in r["cost"] else f"{r['cost'][k]:.{1 if k.startswith('b1') else 2}f}"
+                    for k in ("b1_1", "b1_2", "bN_1", "bN_2")]
+            front = " / ".join("✓" if r["front"].get(k) else "·" for k in ("neurons", "b1_1", "bN_1"))
+            text.append("| " + " | ".join([r["family"], r["shape"], r["recipe"], str(r["n"]), str(r["neurons"]),
+                                            _ms(r["val"]), _ms(r["GA"]), _ms(r["MA"]), _ms(r["used_leaves"]),
+                                            *cost, front]) + " |")
+        dense = [r for r in sub if r["family"] == "dense"]
+        gaps = [k for k in COSTS if any(k in r["cost"] for r in dense)]
+        text += ["", "Each tree against the most accurate dense FF no costlier than it in one measure (GA gap, "
+                 "tree − that FF; positive = the tree wins):", "",
+                 "| tree | neurons | GA % | " + " | ".join(f"vs dense ≤ {COSTS[k].format(N=batch)}" for k in gaps) + " |",
+                 "|" + "---|" * (3 + len(gaps))]
+        trees = [r for r in sub if r["family"] in TREES]
+        wins = {k: [best_cheaper(r, dense, k)[2] for r in trees] for k in gaps}
+        for i, r in enumerate(trees):
+            cells = []
+            for k in gaps:
+                top = best_cheaper(r, dense, k)[1]
+                cells.append(f"{wins[k][i]:+.2f} ({top['shape']})" if top else "no dense FF is as cheap")
+            text.append(f"| {r['shape']} | {r['neurons']} | {_ms(r['GA'])} | " + " | ".join(cells) + " |")
+        if trees:
+            def tally(gaps_k: list[float]) -> str:
+                met = [g for g in gaps_k if g < float("inf")]
+                words = f"{sum(g > 0 for g in met)} of {len(met)} ahead"
+                words += f" (largest lead {max(met):+.2f})" if met else ""
+                unmatched = len(gaps_k) - len(met)
+                return words + (f", {unmatched} with no dense FF as cheap" if unmatched else "")
+            text += ["", "Trees against the best dense FF no costlier than them: "
+                     + "; ".join(f"{COSTS[k].format(N=batch)}: {tally(wins[k])}" for k in gaps) + "."]
+        target = frontier_target(sub)
+        if target:
+            t = target["tree"]
+            text += ["", f"Target (at ≤ 16 neurons per inference the best tree, picked on validation, beats every "
+                     f"dense FF no costlier than it by ≥ {target['margin']:g} GA point): best tree "
+                     f"**{t['shape']}** ({t['neurons']} neurons, b1 {t['cost'].get('b1_1', float('nan')):.1f} µs, "
+                     f"GA {_ms(t['GA'])}, val {_ms(t['val'])})."]
+            for k, words in TARGET_CHECKS.items():
+                s = target[k]
+                rival = (f"the best of them, {s['best']['shape']} ({s['best']['neurons']} neurons, b1 "
+                         f"{s['best']['cost'].get('b1_1', float('nan')):.1f} µs), has GA {_ms(s['best']['GA'])}: "
+                         f"gap {s['gap']:+.2f} — **{'met' if s['met'] else 'missed'}**") if s["best"] \
+                    else "none exists, so this check says nothing"
+                text.append(f"- dense FFs {words}: {len(s['rivals'])}; {rival}.")
+        png = out / f"{name}_{Path(data).name}.png"
+        _frontier_plot(sub, png, f"{data}: accuracy vs inference cost", batch)
+        text += ["", f"![{png.stem}]({png.name})"]
     md = out / f"{name}.md"
     md.write_text("\n".join(text) + "\n")
     return md

@@ -5,6 +5,7 @@ import argparse
 
 from ..layers.fff import TRAIN_MODES
 from ..threads import set_threads
+from ..training.routing_init import ROUTING_INITS
 from ..training.trainer import ARCHS, MASTER_LEAF, MODELS, OPTIMIZERS, SCHEDULES, SELECT, TrainConfig
 
 
@@ -29,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--master-leaf", choices=MASTER_LEAF, default=d.master_leaf)
     p.add_argument("--train-mode", choices=TRAIN_MODES, default=d.train_mode,
                    help="FFF training forward: soft (mixture over all leaves) or hard_path (one leaf per row)")
+    p.add_argument("--routing-init", choices=ROUTING_INITS, default=d.routing_init,
+                   help="FFF node initialisation: none (random) or pca (every node a balanced split of the "
+                        "training rows that reach it)")
     p.add_argument("--activation", default=d.activation)
     p.add_argument("--top-k", type=int, default=d.top_k, help="MoE experts per row")
     p.add_argument("--trees", type=int, default=d.trees, help="NeuronTree parallel trees")

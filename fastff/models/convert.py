@@ -35,10 +35,11 @@ from tqdm.auto import tqdm
 
 from .._checks import check_int
 from ..functional import ACTIVATIONS, hard_path
+from ..layers.dense import DenseFF
 from ..layers.fff import FFF
 from .integrate import DenseWeights, dense_weights
 
-__all__ = ["Carved", "carve", "distill", "route_leaves", "neuron_importance"]
+__all__ = ["Carved", "carve", "distill", "route_leaves", "neuron_importance", "as_dense", "routing_parameters"]
 
 
 class Carved(NamedTuple):
@@ -58,7 +59,8 @@ class Carved(NamedTuple):
     leaf_share: torch.Tensor
 
 
-def _as_dense(dense) -> DenseWeights:
+def as_dense(dense) -> DenseWeights:
+    """``dense`` as ``DenseWeights`` (a DenseWeights, or a feedforward module read by ``dense_weights``)."""
     if isinstance(dense, DenseWeights):
         return dense
     if isinstance(dense, nn.Module):
@@ -235,7 +237,7 @@ def carve(dense_ffn, depth: int, leaf_width: int, calibration_inputs: torch.Tens
     doubled, so the layer computes ``tree(x) + master(x)`` exactly. ``dim_weight`` (out,) and
     ``token_weight`` (T,): error weights of the importance (see ``neuron_importance``, ``distill``).
     """
-    dense = _as_dense(dense_ffn)
+    dense = as_dense(dense_ffn)
     hidden, d_in = dense.w1.shape
     d_out = dense.w2.shape[0]
     depth = check_int("depth", depth, 0, 20)
@@ -322,45 +324,63 @@ def route_leaves(layer: FFF, x: torch.Tensor) -> torch.Tensor:
         return hard_path(x, layer.node_w, layer.node_b, layer.depth).leaf
 
 
-def _gate_params(layer: FFF) -> list:
-    if layer.master is None:
+def _gate_params(layer: nn.Module) -> list:
+    if not isinstance(layer, FFF) or layer.master is None:
         return []
     return list(layer.gate.parameters()) if isinstance(layer.gate, nn.Module) else [layer.gate]
 
 
+def _ridge(h: torch.Tensor, target: torch.Tensor, ridge: float, token_weight: torch.Tensor | None) -> torch.Tensor:
+    """Ridge least squares of target (t, out) on [h, 1] (t, H+1), weighted by ``token_weight`` (t,)
+    if given (per-output weights do not change it); the bias is not penalised. -> (H+1, out)."""
+    h1 = torch.cat([h.double(), h.new_ones(h.shape[0], 1, dtype=torch.float64)], 1)
+    hw = h1 if token_weight is None else h1 * token_weight.double()[:, None]
+    gram = hw.T @ h1
+    reg = ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+    reg[-1, -1] = 0
+    return torch.linalg.solve(gram + reg, hw.T @ target.double())
+
+
 @torch.no_grad()
-def _refit_leaf_outputs(layer: FFF, x: torch.Tensor, target: torch.Tensor, ridge: float,
-                        token_weight: torch.Tensor | None) -> None:
-    """Closed-form ridge refit of each leaf's (w2, b2) on the tokens routed to it (routing fixed),
-    least squares weighted by ``token_weight`` (T,) if given (per-output weights do not change it)."""
+def _refit_outputs(layer: FFF | DenseFF, x: torch.Tensor, target: torch.Tensor, ridge: float,
+                   token_weight: torch.Tensor | None) -> None:
+    """Closed-form ridge refit of the output weights and bias (``_ridge``), hidden layer fixed:
+    a DenseFF's fc2 on all tokens, each FFF leaf's (w2, b2) on the tokens routed to it (routing fixed;
+    with a master leaf, on the tree's share of the target)."""
+    act = ACTIVATIONS[layer.activation]
+    if isinstance(layer, DenseFF):
+        sol = _ridge(act(layer.fc1(x)), target, ridge, token_weight)
+        layer.fc2.weight.copy_(sol[:-1].T)
+        layer.fc2.bias.copy_(sol[-1])
+        return
     if layer.master is None:
         resid = target
     else:                                                             # the tree's share of the target
         g = layer.master_gate(x)
         resid = (target - (1 - g) * layer.master(x)) / g
     leaf = route_leaves(layer, x)
-    act = ACTIVATIONS[layer.activation]
     for j in range(layer.n_leaves):
         rows = leaf == j
         if rows.sum() < 2:
             continue
-        h = act(x[rows] @ layer.w1[j] + layer.b1[j]).double()
-        h1 = torch.cat([h, h.new_ones(h.shape[0], 1)], 1)            # (t, H+1)
-        hw = h1 if token_weight is None else h1 * token_weight[rows].double()[:, None]
-        gram = hw.T @ h1
-        reg = ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
-        reg[-1, -1] = 0
-        sol = torch.linalg.solve(gram + reg, hw.T @ resid[rows].double())  # (H+1, out)
+        sol = _ridge(act(x[rows] @ layer.w1[j] + layer.b1[j]), resid[rows], ridge,
+                     None if token_weight is None else token_weight[rows])
         layer.w2[j].copy_(sol[:-1])
         layer.b2[j].copy_(sol[-1])
 
 
-def distill(layer: FFF, dense_ffn, inputs: torch.Tensor, steps: int = 0, lr: float = 1e-4,
+def routing_parameters(layer: nn.Module) -> list[nn.Parameter]:
+    """The parameters that decide where a row goes (an FFF's node hyperplanes); none for others."""
+    return [layer.node_w, layer.node_b] if isinstance(layer, FFF) else []
+
+
+def distill(layer: FFF | DenseFF, dense_ffn, inputs: torch.Tensor, steps: int = 0, lr: float = 1e-4,
             batch_size: int = 1024, ridge: float = 1e-3, refit: bool = True, progress: bool = True,
             desc: str = "distill", targets: torch.Tensor | None = None, dim_weight: torch.Tensor | None = None,
             token_weight: torch.Tensor | None = None) -> dict:
-    """Train a carved FFF to reproduce ``targets`` (T, out) on ``inputs`` (T, in), in place;
-    ``targets`` default to the dense FFN's outputs on ``inputs``.
+    """Train a carved FFF (or a pruned ``DenseFF``, see ``fastff.models.prune``) to reproduce
+    ``targets`` (T, out) on ``inputs`` (T, in), in place; ``targets`` default to the dense FFN's
+    outputs on ``inputs``.
 
     The error is weighted: ``sum_tk token_weight_t * dim_weight_k * (layer(x_t)_k - target_tk)^2``
     (weights default to 1), e.g. the LayerNorm that follows a BERT block scales output dim k of
@@ -368,18 +388,19 @@ def distill(layer: FFF, dense_ffn, inputs: torch.Tensor, steps: int = 0, lr: flo
     downstream (``fastff.models.sequential.convert_blocks`` passes them).
     Routing is frozen (node hyperplanes untouched; training runs the layer's eval forward, hard
     routing with gradients for the leaves: exactly the inference function).
-    1. ``refit``: (token-weighted) ridge least squares for every leaf's output weights and bias.
-    2. ``steps`` Adam steps on leaf (and master) weights on the weighted squared error, tqdm
+    1. ``refit``: (token-weighted) ridge least squares for every leaf's (a DenseFF: fc2's) output
+       weights and bias.
+    2. ``steps`` Adam steps on leaf (and master; a DenseFF: all) weights on the weighted squared error, tqdm
        progress; kept only if they lower the calibration error below the refit's.
     Returns {"rel_before", "rel_refit", "rel_after"}: weighted squared error / weighted variance
     of the targets.
     """
-    if not isinstance(layer, FFF):
-        raise TypeError(f"layer must be a fastff.FFF, got {type(layer).__name__}")
-    dense = _as_dense(dense_ffn)
+    if not isinstance(layer, (FFF, DenseFF)):
+        raise TypeError(f"layer must be a fastff.FFF or fastff.DenseFF, got {type(layer).__name__}")
+    dense = as_dense(dense_ffn)
     steps = check_int("steps", steps, 0)
     batch_size = check_int("batch_size", batch_size, 1)
-    inputs = inputs.to(layer.w1.dtype)
+    inputs = inputs.to(next(layer.parameters()).dtype)
     with torch.no_grad():
         target = dense(inputs) if targets is None else targets.to(inputs.dtype)
     dim_w = inputs.new_ones(target.shape[1]) if dim_weight is None else dim_weight.detach().to(inputs.dtype)
@@ -402,10 +423,10 @@ def distill(layer: FFF, dense_ffn, inputs: torch.Tensor, steps: int = 0, lr: flo
 
     stats = {"rel_before": rel_error()}
     if refit:
-        _refit_leaf_outputs(layer, inputs, target, ridge, token_weight)
+        _refit_outputs(layer, inputs, target, ridge, token_weight)
     stats["rel_refit"] = rel_error()
     if steps:
-        frozen = [layer.node_w, layer.node_b, *_gate_params(layer)]
+        frozen = [*routing_parameters(layer), *_gate_params(layer)]
         was_req = [p.requires_grad for p in frozen]
         for p in frozen:
             p.requires_grad_(False)

