@@ -176,3 +176,15 @@ def test_experiment_stage_names_are_checked_and_report_alone_writes_the_report(t
     assert main(["lm", "experiment", "--text", str(text_file), "--stages", "report", "--runs", str(tmp_path / "runs"),
                  "--results", str(tmp_path / "out"), "--quiet"]) == 0
     assert "0 runs under" in (tmp_path / "out" / "lm.md").read_text()
+
+
+def test_int8_baseline_quantizes_attention_and_dense_feedforwards_but_not_trees():
+    from fastff import NeuronTree
+    from fastff.apps.lm import int8
+    from fastff.models.gpt import GPT
+    dense = int8(GPT(GPTConfig(vocab_size=11, context=8, layers=1, heads=2, dim=16, ffn="dense", ffn_width=32)).eval())
+    tree = int8(GPT(GPTConfig(vocab_size=11, context=8, layers=1, heads=2, dim=16, ffn="neuron-tree", depth=3)).eval())
+    quantized = torch.ao.nn.quantized.dynamic.Linear
+    assert isinstance(dense.blocks[0].attn.qkv, quantized) and isinstance(dense.blocks[0].ffn.fc1, quantized)
+    assert isinstance(tree.blocks[0].attn.qkv, quantized) and isinstance(tree.blocks[0].ffn, NeuronTree)
+    assert not any(isinstance(m, quantized) for m in tree.blocks[0].ffn.modules())

@@ -405,7 +405,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    import sys
     if args.threads:
         set_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -419,6 +418,6 @@ def run(args) -> int:
                            retrieval_queries=args.queries, max_carve_tokens=args.carve_tokens,
                            threads=args.threads, ablation=not args.no_ablation, val_sentences=args.val_sentences,
                            baselines=not args.no_baselines)
-    write_report(res, args.out, args.plot, command="fastff " + " ".join(sys.argv[1:]))
+    write_report(res, args.out, args.plot, command=getattr(args, "command_line", "fastff convert-minilm"))
     print(Path(args.out).read_text())
     return 0

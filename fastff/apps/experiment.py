@@ -34,8 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
-import sys
 from pathlib import Path
 
 import torch
@@ -374,8 +372,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         _train(root, _wanted(grid(args), args), args)
     if not args.no_report:
-        command = "fastff experiment " + " ".join(shlex.quote(a) for a in sys.argv[sys.argv.index(args.name):]) \
-            if args.name in sys.argv else f"fastff experiment {args.name}"
+        command = getattr(args, "command_line", f"fastff experiment {args.name}")
         writer = write_frontier_report if args.name == "frontier" else write_report
         writer(root, Path(args.results), name=args.name, command=command)
     return 0

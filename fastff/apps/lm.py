@@ -14,19 +14,18 @@ fastff's kernels, and timed against dense float32 and int8 models.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
 import time
-import warnings
 
 import torch
 from torch import nn
 
 from ..data.text import load_shakespeare, load_text, split_text
-from ..layers import FFN_KINDS
+from ..layers import FFF, FFN_KINDS, MoE, NeuronTree
 from ..models.gpt import GPT, GPTConfig
+from ..models.quantize import quantize_int8
 from ..threads import set_threads
 from ..training.lm import LMTrainConfig, fit, load_run, save_run
 from .timing import median_times
@@ -218,12 +217,9 @@ class NoFFN(nn.Module):
 
 
 def int8(model: nn.Module) -> nn.Module:
-    """A copy with every ``nn.Linear`` (attention, dense feedforwards, head) dynamically quantized to
-    int8 (``torch.ao.quantization.quantize_dynamic``): what a CPU user picks today. fastff's tree
-    layers are not ``nn.Linear`` and stay float32."""
-    with warnings.catch_warnings():   # torch announces the deprecation of its quantized tensors on every call
-        warnings.filterwarnings("ignore", message="torch.quantize_per_tensor")
-        return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
+    """A copy with every ``nn.Linear`` (attention, head, the dense feedforwards' ``DenseFF``)
+    dynamically quantized to int8: what a CPU user picks today. Tree layers stay float32."""
+    return quantize_int8(model, keep=(FFF, NeuronTree, MoE))
 
 
 def bench_models(args, names: list[str]) -> dict[str, nn.Module]:

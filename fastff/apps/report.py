@@ -15,8 +15,6 @@ import argparse
 import json
 import math
 import re
-import shlex
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     root = Path(args.runs)
-    command = "fastff report " + " ".join(shlex.quote(a) for a in sys.argv[sys.argv.index("report") + 1:]) \
-        if "report" in sys.argv else f"fastff report {root} --out {args.out}"
+    command = getattr(args, "command_line", f"fastff report {root} --out {args.out}")
     writer = write_frontier_report if (root / "frontier.json").exists() else write_report
     md = writer(root, Path(args.out), name=args.name or root.resolve().name, command=command)
     print(md.read_text())

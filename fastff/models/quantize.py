@@ -14,29 +14,31 @@ from ..layers.fff import FFF
 from ..layers.moe import MoE
 from ..layers.neuron_tree import NeuronTree
 
-__all__ = ["quantize_int8", "int8_linear_names"]
+__all__ = ["quantize_int8", "int8_linear_names", "FASTFF_LAYERS"]
 
-_FASTFF = (FFF, NeuronTree, MoE, DenseFF)
+FASTFF_LAYERS = (FFF, NeuronTree, MoE, DenseFF)
 
 
-def int8_linear_names(model: nn.Module) -> list[str]:
-    """Module paths of the ``nn.Linear`` layers of ``model`` not inside a fastff layer."""
+def int8_linear_names(model: nn.Module, keep: tuple[type, ...] = FASTFF_LAYERS) -> list[str]:
+    """Module paths of the ``nn.Linear`` layers of ``model`` not inside a layer of a ``keep`` type."""
     inside: list[str] = []
     names = []
     for name, m in model.named_modules():
         if any(name.startswith(f"{p}.") for p in inside):
             continue
-        if isinstance(m, _FASTFF):
+        if isinstance(m, keep):
             inside.append(name)
         elif isinstance(m, nn.Linear):
             names.append(name)
     return names
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
+def quantize_int8(model: nn.Module, keep: tuple[type, ...] = FASTFF_LAYERS) -> nn.Module:
     """A copy of ``model`` (eval mode) whose ``int8_linear_names`` layers are dynamically quantized
-    to int8 (per-tensor weights, CPU); fastff layers (FFF, NeuronTree, MoE, a pruned DenseFF) stay float."""
-    names = set(int8_linear_names(model))
+    to int8 (per-tensor weights, CPU); layers of the ``keep`` types stay float (default: fastff's
+    FFF, NeuronTree, MoE and DenseFF, e.g. a pruned FFN; pass ``keep=(FFF, NeuronTree, MoE)`` to
+    quantize DenseFF feedforwards too)."""
+    names = set(int8_linear_names(model, keep))
     if not names:
         raise ValueError(f"{type(model).__name__} has no nn.Linear outside fastff layers to quantize")
     with warnings.catch_warnings():                  # torch.ao's eager quantization warns it is deprecated
