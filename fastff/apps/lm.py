@@ -160,10 +160,6 @@ def run_train(args) -> int:
     model_cfg = GPTConfig(vocab_size=len(splits.vocab), context=args.context, layers=args.layers, heads=args.heads,
                           dim=args.dim, dropout=args.dropout, **ffn_fields(args, args.ffn))
     local = args.optimizer == "local-adam"
-    if local and args.ffn == "neuron-tree":
-        model_cfg.ffn_options["usage"] = "hard"                # LocalAdam reads the neurons' usage
-    elif local and args.ffn == "fff":
-        model_cfg.ffn_options["usage"] = "soft"
     cfg = LMTrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, ffn_lr_mult=args.ffn_lr_mult,
                         optimizer=args.optimizer, local_batch_size=args.local_batch_size,
                         warmup=min(args.warmup, args.steps - 1), weight_decay=0.0 if local else args.weight_decay,

@@ -55,7 +55,7 @@ TUNE_FAMILIES = {"dense": "dense", "dense-small": "dense-small", "neuron-tree": 
 ABLATIONS = {
     "lr-2e-3-ffn-x0.5": ({}, dict(lr=2e-3, ffn_lr_mult=0.5)),    # the dense model's lr outside the tree
     "ffn-lr-x4": ({}, dict(ffn_lr_mult=4.0)),      # each tree neuron sees few tokens: larger steps inside the tree
-    "local-adam": (dict(ffn_options={"usage": "hard"}), dict(optimizer="local-adam", weight_decay=0.0)),
+    "local-adam": ({}, dict(optimizer="local-adam", weight_decay=0.0)),
     "long-warmup": ({}, dict(warmup=300)),
     "2x10": (dict(trees=2, depth=10, ffn_width=4094), {}),
     "16x5": (dict(trees=16, depth=5, ffn_width=1008), {}),

@@ -3,7 +3,7 @@ float32 / float64.
 
 - No gradient needed (eval under ``torch.no_grad()`` / ``inference_mode()``, or nothing requires
   grad): ``fff_hard`` / ``neuron_tree`` run the hard-inference kernels on numpy views of the
-  tensors (a layer's weight views are cached, see ``weights_np``). Under ``torch.compile`` /
+  tensors (a layer's weights prepared once, see ``Prepared`` / ``prepared``). Under ``torch.compile`` /
   ``torch.export`` tracing they go through the ops ``torch.ops.fastff.fff_hard`` /
   ``torch.ops.fastff.neuron_tree_hard``, which run the same code.
 - Gradient needed (training, or eval under autograd): the conditional training kernels as
@@ -139,7 +139,7 @@ class Prepared:
             xa = xa.reshape(-1, self.in_features)
         rows = xa.shape[0]
         out = np.empty((rows, self.out_features), self.dtype)
-        if rows < THROUGHPUT_MIN_ROWS and rows * self.row_bytes < PARALLEL_MIN_BYTES:
+        if rows < THROUGHPUT_MIN_ROWS and not _parallel(rows, self.row_bytes):
             self.serial(xa, *self.serial_args, out)
         else:
             self.run(xa, *self.run_args, out)

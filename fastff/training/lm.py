@@ -18,7 +18,7 @@ import json
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -30,7 +30,7 @@ from ..io import load, save
 from ..layers import FFF, MoE
 from ..models.gpt import GPT, GPTConfig
 from .losses import hardening_loss, load_balancing_loss
-from .optim import LocalAdam
+from .optim import LOCAL_USAGE, LocalAdam
 
 OPTIMIZERS = ("adamw", "local-adam")
 
@@ -101,7 +101,8 @@ def lr_at(cfg: LMTrainConfig, step: int) -> float:
 def make_optimizer(model: GPT, cfg: LMTrainConfig) -> torch.optim.Optimizer:
     """AdamW with four groups: {feedforward, rest} x {decayed (tensors of >= 2 dims, embeddings
     excepted), not decayed}; the feedforward groups' learning rate is scaled by ``ffn_lr_mult``.
-    ``optimizer="local-adam"``: ``LocalAdam`` (the trees' blocks need ``usage`` counters), one group."""
+    ``optimizer="local-adam"``: ``LocalAdam`` (the trees' blocks need ``usage`` counters: ``fit``
+    switches them on), one group."""
     if cfg.optimizer == "local-adam":
         opt = LocalAdam(model, lr=cfg.lr, local_batch_size=cfg.local_batch_size, betas=(0.9, 0.95))
         for group in opt.param_groups:
@@ -157,6 +158,8 @@ def fit(model_cfg: GPTConfig, cfg: LMTrainConfig, splits: TextSplits, progress: 
     from tqdm.auto import tqdm
 
     cfg.validate()
+    if cfg.optimizer == "local-adam" and model_cfg.ffn in LOCAL_USAGE:     # LocalAdam reads the trees' usage
+        model_cfg = replace(model_cfg, ffn_options={"usage": LOCAL_USAGE[model_cfg.ffn], **model_cfg.ffn_options})
     if model_cfg.vocab_size != len(splits.vocab):
         raise ValueError(f"model vocab_size {model_cfg.vocab_size} != the text's vocabulary {len(splits.vocab)}")
     torch.manual_seed(cfg.seed)

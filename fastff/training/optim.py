@@ -33,6 +33,8 @@ from .._checks import check_fraction
 from ..threads import follow_torch_threads
 from ..layers import FFF, NeuronTree
 
+# the usage counting a tree layer needs under a local optimiser, by ``make_ffn`` kind
+LOCAL_USAGE = {"fff": "soft", "neuron-tree": "hard"}
 _BLOCKS = {FFF: (("leaf_usage", ("w1", "b1", "w2", "b2")), ("node_usage", ("node_w", "node_b"))),
            NeuronTree: (("neuron_usage", ("w_in", "b_in", "w_out")),)}
 
@@ -44,8 +46,9 @@ def _block_params(model: nn.Module) -> dict[nn.Parameter, tuple[nn.Module, str]]
         for cls, groups in _BLOCKS.items():
             if isinstance(module, cls):
                 if module.usage is None:
+                    usage = LOCAL_USAGE["fff" if cls is FFF else "neuron-tree"]
                     raise ValueError(f"local optimisation needs usage tracking; build the {cls.__name__} "
-                                     f"with usage={'soft' if cls is FFF else 'hard'!r} (got usage=None)")
+                                     f"with usage={usage!r} (got usage=None)")
                 for buffer, names in groups:
                     for name in names:
                         if getattr(module, name) is not None:

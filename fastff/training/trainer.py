@@ -30,7 +30,7 @@ from ..layers import FFF, FFN_KINDS, DenseFF, MoE, NeuronTree, make_ffn
 from ..layers.fff import TRAIN_MODES
 from ..models.vit import TinyViT
 from .losses import HARDENING_MODES, hardening_loss, load_balancing_loss
-from .optim import LocalAdam, LocalSGD
+from .optim import LOCAL_USAGE, LocalAdam, LocalSGD
 from .routing_init import ROUTING_INITS, pca_routing_init
 
 MODELS = (*FFN_KINDS, "ff")             # "ff": the name earlier runs used for "dense"
@@ -132,16 +132,13 @@ class TrainConfig:
 def ffn_layer(cfg: TrainConfig, in_features: int, out_features: int) -> nn.Module:
     """The layer under test, built by ``fastff.layers.make_ffn`` at training width ``cfg.width``
     (FFF / MoE leaves of ``cfg.leaf``, ``cfg.trees`` neuron trees). The local optimisers need
-    usage counters: FFF layers then count ``"soft"`` usage, neuron trees ``"hard"``."""
+    usage counters (``optim.LOCAL_USAGE``)."""
     kind = "dense" if cfg.model == "ff" else cfg.model
-    local = cfg.optimizer.startswith("local")
-    options = {}
+    usage = LOCAL_USAGE.get(kind) if cfg.optimizer.startswith("local") else None
+    options = {} if usage is None else dict(usage=usage)
     if kind == "fff":
-        options = dict(region_leak=cfg.region_leak, train_mode=cfg.train_mode,
-                       master_leaf=None if cfg.master_leaf == "none" else cfg.master_leaf,
-                       usage="soft" if local else None)
-    elif kind == "neuron-tree" and local:
-        options = dict(usage="hard")
+        options |= dict(region_leak=cfg.region_leak, train_mode=cfg.train_mode,
+                        master_leaf=None if cfg.master_leaf == "none" else cfg.master_leaf)
     return make_ffn(kind, in_features, out_features, cfg.width, leaf=cfg.leaf, trees=cfg.trees, top_k=cfg.top_k,
                     activation=cfg.activation, **options)
 
