@@ -25,6 +25,7 @@ __all__ = [
     "get_activation",
     "activation_code",
     "go_right",
+    "left_child",
     "child_index",
     "n_nodes",
     "fff_depth",
@@ -33,11 +34,14 @@ __all__ = [
     "taken_prob",
     "HardPath",
     "hard_path",
+    "hard_path_from_logits",
     "mixture_weights",
     "leaf_paths",
     "node_reach",
     "bernoulli_entropy",
     "neuron_tree_walk",
+    "tree_routing_logits",
+    "neuron_tree_path_gate",
 ]
 
 ACTIVATIONS = {
@@ -73,9 +77,15 @@ def go_right(logit: torch.Tensor) -> torch.Tensor:
     return logit >= 0
 
 
+def left_child(node):
+    """Heap-order left child of ``node`` (int or long tensor): ``2*node + 1``; the right child
+    is the next node."""
+    return 2 * node + 1
+
+
 def child_index(node: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """Heap-order child of ``node``: ``2*node + 1 + right``."""
-    return 2 * node + 1 + right.long()
+    return left_child(node) + right.long()
 
 
 def taken_prob(logit: torch.Tensor) -> torch.Tensor:
@@ -131,6 +141,22 @@ def hard_path(x: torch.Tensor, node_w: torch.Tensor, node_b: torch.Tensor, depth
     return HardPath(torch.stack(nodes, 1), torch.stack(logits, 1), node - n_nodes(depth))
 
 
+def hard_path_from_logits(logits: torch.Tensor, depth: int) -> HardPath:
+    """``hard_path`` when every node's logit is already known: logits (B, N) -> the rows' hard
+    descents (nodes (B, d), their logits (B, d), leaf (B,))."""
+    node = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    nodes, taken = [], []
+    for _ in range(depth):
+        logit = logits.gather(1, node[:, None])[:, 0]
+        nodes.append(node)
+        taken.append(logit)
+        node = child_index(node, go_right(logit))
+    if not nodes:
+        empty = logits.new_zeros(logits.shape[0], 0)
+        return HardPath(empty.long(), empty, node)
+    return HardPath(torch.stack(nodes, 1), torch.stack(taken, 1), node - n_nodes(depth))
+
+
 def leaf_paths(depth: int, device=None):
     """For every leaf, the nodes on its root path and the turns taken.
 
@@ -177,12 +203,14 @@ def bernoulli_entropy(logit: torch.Tensor) -> torch.Tensor:
     return F.softplus(logit) - logit * torch.sigmoid(logit)
 
 
-def neuron_tree_walk(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, depth: int):
+def neuron_tree_walk(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, depth: int,
+                     route_bias: torch.Tensor | None = None):
     """Sign-routed descent of K neuron trees, vectorised over rows and trees.
 
-    x (B, I), w_in (K, M, I), b_in (K, M) with M = 2**(depth+1) - 1.
-    Returns (nodes (B, K, depth+1) long, pre-activations (B, K, depth+1)); differentiable
-    in x, w_in and b_in through the visited neurons only.
+    x (B, I), w_in (K, M, I), b_in (K, M) with M = 2**(depth+1) - 1; ``route_bias`` (K, M) or
+    None: a per-node offset used only in the decision (right iff ``a + route_bias[node] >= 0``).
+    Returns (nodes (B, K, depth+1) long, pre-activations ``a`` (B, K, depth+1), without the
+    routing offset); differentiable in x, w_in and b_in through the visited neurons only.
     """
     B, K = x.shape[0], w_in.shape[0]
     tree = torch.arange(K, device=x.device).expand(B, K)
@@ -192,5 +220,21 @@ def neuron_tree_walk(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, de
         a = torch.einsum("bi,bki->bk", x, w_in[tree, node]) + b_in[tree, node]
         nodes.append(node)
         acts.append(a)
-        node = child_index(node, go_right(a))
+        node = child_index(node, go_right(a if route_bias is None else a + route_bias[tree, node]))
     return torch.stack(nodes, dim=-1), torch.stack(acts, dim=-1)
+
+
+def tree_routing_logits(pre: torch.Tensor, nodes: torch.Tensor, route_bias: torch.Tensor | None) -> torch.Tensor:
+    """The decision logits of a neuron-tree walk: pre (B, K, T) + route_bias (K, M) at the visited
+    nodes (B, K, T) long; ``pre`` itself without a routing offset."""
+    if route_bias is None:
+        return pre
+    return pre + route_bias[torch.arange(route_bias.shape[0], device=nodes.device)[:, None], nodes]
+
+
+def neuron_tree_path_gate(logits: torch.Tensor) -> torch.Tensor:
+    """Per visited neuron, the probability of the path that led to it: logits (B, K, T) of the
+    visited nodes -> (B, K, T), 1 at the root, then the running product over the ancestors of
+    ``taken_prob`` (sigmoid(|logit|)). The deepest level's own decision leads nowhere and is unused."""
+    q = taken_prob(logits[..., :-1])
+    return torch.cat((torch.ones_like(logits[..., :1]), q.cumprod(-1)), dim=-1)

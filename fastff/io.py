@@ -73,8 +73,6 @@ def serializable(cls: type) -> type:
 
 
 def _registry() -> dict[str, type]:
-    from .layers.dense import DenseFF  # DenseFF keeps its constructor arguments as attributes
-    _REGISTRY.setdefault("DenseFF", DenseFF)
     return _REGISTRY
 
 
@@ -128,9 +126,10 @@ def _digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy()).hexdigest()
 
 
-def save(model: nn.Module, path: str | os.PathLike) -> None:
+def save(model: nn.Module, path: str | os.PathLike, metadata: dict | None = None) -> None:
     """Write ``model``'s state_dict and configs to ``path`` (safetensors, written atomically:
-    a crash mid-write never leaves a partial file under ``path``)."""
+    a crash mid-write never leaves a partial file under ``path``). ``metadata``: a JSON object
+    stored with them (covered by the file's checksum), read back by ``saved_metadata``."""
     from safetensors.torch import save_file
 
     if not isinstance(model, nn.Module):
@@ -151,17 +150,36 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
         _check_rebuilds(model, records[""]["config"])
         root["config"] = records[""]["config"]
     meta = {"format": FORMAT, "root": root, "layers": records, "aliases": aliases,
-            "sha256": {name: _digest(t) for name, t in tensors.items()}}
+            "sha256": {name: _digest(t) for name, t in tensors.items()}, "metadata": dict(metadata or {})}
     path = os.fspath(path)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
     os.close(fd)
     try:
         text = json.dumps(meta)
         save_file(tensors, tmp, metadata={"fastff": text, "fastff_sha256": _text_digest(text)})
+        os.chmod(tmp, 0o644)                  # mkstemp's (and safetensors') 0600 would make saved models private
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def saved_metadata(path: str | os.PathLike) -> dict:
+    """The ``metadata`` object ``save`` stored in ``path`` ({} if none); checksum verified."""
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such file: '{path}'")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            header = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for truncated / garbled files
+        raise ValueError(f"cannot read '{path}': not a valid safetensors file ({type(e).__name__}: {e})") from e
+    text = header.get("fastff")
+    if text is None or header.get("fastff_sha256") != _text_digest(text):
+        raise ValueError(f"'{path}' has no intact fastff metadata: it was not written by fastff.save, or is corrupted")
+    return json.loads(text).get("metadata", {})
 
 
 def _check_rebuilds(model: nn.Module, config: dict) -> None:
@@ -209,9 +227,11 @@ def _read(path: str, device) -> tuple[dict, dict]:
     bad = [k for k, t in tensors.items() if _digest(t) != digests[k]]
     if bad:
         raise ValueError(f"'{path}' is corrupted: checksum mismatch in tensor(s) {bad}")
+    # fresh storage: the file's tensors sit at arbitrary byte offsets, and kernels (BLAS) may
+    # round differently on misaligned weights, so a reload would not compute the same bits
+    tensors = {k: t.to(device, copy=True) for k, t in tensors.items()}
     for alias, name in aliases.items():
         tensors[alias] = tensors[name]
-    tensors = {k: t.to(device) for k, t in tensors.items()}
     return tensors, {"layers": records, "root": root}
 
 

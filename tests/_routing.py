@@ -14,3 +14,11 @@ def route_margin(x, w, b, depth):
         margin = torch.minimum(margin, a.abs())
         node = 2 * node + 1 + (a >= 0).long()
     return margin
+
+
+def kept(keep, at_least: int):
+    """The row mask ``keep`` (B,) bool (tensor or array), after asserting that it keeps at least
+    ``at_least`` rows: a filtered comparison must compare enough rows to mean something."""
+    n = int(keep.sum())
+    assert n >= at_least, f"the filter kept {n} of {len(keep)} rows, fewer than {at_least}"
+    return keep

@@ -20,6 +20,7 @@ def restore_threads():
 
 SMOKE = ["bench", "--layer", "fff", "--dim", "16", "--depth", "2", "--leaf", "4", "--batch", "1,8",
          "--repeats", "1", "--warmup", "0", "--no-limits", "--threads", "1"]
+FAMILY_FLAGS = {"fff": ["--leaf", "4"], "neuron-tree": ["--trees", "2"]}
 
 
 def run_cli(argv, capsys):
@@ -29,7 +30,8 @@ def run_cli(argv, capsys):
 
 @pytest.mark.parametrize("layer", ["fff", "neuron-tree"])
 def test_cli_json_smoke(layer, capsys):
-    out = run_cli([*SMOKE[:2], layer, *SMOKE[3:], "--json"], capsys)
+    argv = [*SMOKE[:2], layer, *SMOKE[3:7], *FAMILY_FLAGS[layer], *SMOKE[9:], "--json"]
+    out = run_cli(argv, capsys)
     rows = [json.loads(line) for line in out.out.splitlines()]
     backends = {"dense", "torch", "cpu", "cpu-kernel", "cpu-numba", "moe-top1", "moe-top2", "reference"}
     assert {(r["batch"], r["backend"]) for r in rows} == {(b, k) for b in (1, 8) for k in backends}
@@ -56,10 +58,15 @@ def test_reference_is_capped_to_small_batches():
 
 def test_work_per_row():
     # FFF depth 2, dim 4, leaf 3: 2 nodes x (4+1) + leaf 4x3+3 + 3x4+4 weights, x and y rows.
-    assert bench.Spec("fff", 2, dim=4, leaf=3).work_per_row() == ((2 * 5 + 15 + 16 + 8) * 4, 2 * 2 * 4 + 2 * 4 * 3 * 2)
+    assert bench.Spec("fff", 2, dim=4, options=dict(leaf=3)).work_per_row() == ((2 * 5 + 15 + 16 + 8) * 4,
+                                                                                2 * 2 * 4 + 2 * 4 * 3 * 2)
     # NeuronTree 2 trees depth 1: 4 neurons of w_in row + bias + w_out row, b_out, x and y rows.
-    assert bench.Spec("neuron-tree", 1, dim=4, trees=2).work_per_row() == ((4 * 9 + 4 + 8) * 4, 4 * 4 * 4)
-    assert bench.Spec("neuron-tree", 11).width == 4095 and bench.Spec("fff", 8, leaf=16).width == 4096
+    assert bench.Spec("neuron-tree", 1, dim=4, options=dict(trees=2)).work_per_row() == ((4 * 9 + 4 + 8) * 4, 4 * 4 * 4)
+    assert bench.Spec("neuron-tree", 11).training_width == 4095
+    assert bench.Spec("fff", 8, options=dict(leaf=16)).training_width == 4096
+    assert bench.Spec("fff", width=64, options=dict(leaf=4)).build().depth == 4           # sized by width
+    # a family without a cost model has no roofline columns
+    assert bench.Spec("moe", width=64).work_per_row() == (None, None)
 
 
 def test_parse_batches_rejects_bad_lists():

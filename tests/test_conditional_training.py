@@ -3,12 +3,14 @@ import copy
 from contextlib import ExitStack
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, strategies as st
 
 import fastff
 from fastff import kernels
+from fastff.functional import hard_path_from_logits
 from fastff.kernels import cpu, reference as R
 from fastff.training import LocalAdam, LocalSGD, load_balancing_loss
 from fastff.apps.train_bench import train_step_rows
@@ -71,6 +73,7 @@ def test_neuron_tree_weight_grads_only_in_visited_rows():
     visited = torch.zeros(2, 127, dtype=torch.bool)
     visited.scatter_(1, R.neuron_tree_visits(x, nt.w_in, nt.b_in).permute(1, 0, 2).reshape(2, -1), True)
     assert (nt.w_in.grad.abs().sum(-1) > 0).eq(visited).all()
+    assert int((~visited).sum()) >= 2 * (127 - 5 * 7)                 # 5 rows visit at most 5 · 7 neurons per tree
     assert (nt.w_out.grad[~visited] == 0).all() and (nt.b_in.grad[~visited] == 0).all()
 
 
@@ -228,7 +231,7 @@ def one_step(f, opt, x):
 @pytest.mark.parametrize("fused", [True, False])
 def test_local_sgd_waits_for_local_batch_then_rescales(fused):
     f, x = local_setup()
-    counts = torch.bincount(f._hard_leaf(x @ f.node_w.T + f.node_b), minlength=2).to(F64)
+    counts = torch.bincount(hard_path_from_logits(x @ f.node_w.T + f.node_b, f.depth).leaf, minlength=2).to(F64)
     busy = int(counts.argmax())
     assert counts[busy] > counts[1 - busy]
     lbs = 3 * float(counts[busy]) - 0.5            # only the busier leaf reaches it, on step 3
@@ -283,6 +286,80 @@ def test_local_fused_step_equals_torch_path(lbs, steps, usage, adam, seed):
             opt.step()
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("adam", [False, True])
+def test_local_fused_step_keeps_nan_and_inf(adam):
+    """A NaN / inf gradient reaching the fused numba step lands in the parameter as on the torch
+    path: the kernel must not assume finite numbers."""
+    nan, inf = float("nan"), float("inf")
+    steps = []
+    for fused in (True, False):
+        torch.manual_seed(7)
+        nt = fastff.NeuronTree(4, 3, 2, usage="hard").train()
+        opt = (LocalAdam(nt, lr=0.01, local_batch_size=1, fused=fused) if adam
+               else LocalSGD(nt, lr=0.1, local_batch_size=1, fused=fused))
+        nt(torch.randn(16, 4))                                          # usage: the blocks become ready
+        used = (nt.neuron_usage.flatten() >= 1).nonzero()[:, 0]
+        assert len(used) >= 3                                           # the root and both children
+        grad = torch.zeros_like(nt.w_out)
+        grad.view(-1, 3)[used[0]] = nan
+        grad.view(-1, 3)[used[1]] = inf
+        grad.view(-1, 3)[used[2], 0] = -inf
+        nt.w_out.grad = grad
+        opt.step()
+        steps.append(nt.w_out.detach().view(-1, 3).clone())
+    fused, torch_path = steps
+    torch.testing.assert_close(fused, torch_path, equal_nan=True, rtol=1e-6, atol=1e-7)
+    assert torch.isnan(fused[used[0]]).all()
+    if adam:                                                            # inf / sqrt(inf²) is NaN
+        assert torch.isnan(fused[used[1]]).all() and torch.isnan(fused[used[2], 0])
+    else:
+        assert (fused[used[1]] == -inf).all() and fused[used[2], 0] == inf
+    rest = torch.ones(len(fused), dtype=torch.bool)
+    rest[used[:3]] = False
+    assert int(rest.sum()) == len(fused) - 3 and torch.isfinite(fused[rest]).all()
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_non_finite_inputs_cross_the_training_kernels_as_in_torch(act):
+    """NaN and ±inf inputs give the cpu training kernels' outputs and gradients (for a finite
+    upstream gradient) NaN / inf at the same places as the torch backend, equal values elsewhere."""
+    nan_rows = 0
+    for make in (lambda: fastff.NeuronTree(5, 3, 2, trees=2, activation=act),
+                 lambda: fastff.FFF(5, 3, 2, 4, activation=act, train_mode="hard_path")):
+        torch.manual_seed(8)
+        layer = make().to(F64).train()
+        x = torch.randn(7, 5, dtype=F64)
+        x[1, 2], x[3, 0], x[5, 4] = float("nan"), float("inf"), -float("inf")
+        results, g = [], torch.randn(7, 3, dtype=F64)
+        for backend in ("cpu", "torch"):
+            layer.backend = backend
+            xx = x.clone().requires_grad_()
+            y = layer(xx)
+            results.append([y, *grads(y, [xx, *layer.parameters()], g)])
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, equal_nan=True, rtol=1e-9, atol=1e-10)
+        nan_rows += int(torch.isnan(results[0][0][1]).all())
+    assert nan_rows == 2                                                 # the NaN row is NaN in both layers
+
+
+def test_act_grad_keeps_nan():
+    """NaN in, NaN activation out, for every activation; in the kernel it is inlined into too."""
+    from fastff.functional import ACTIVATION_CODES
+    from fastff.kernels.numba import common, train
+
+    pre = torch.tensor([float("nan"), -float("inf"), -1.0, 2.0], dtype=F64).view(1, 1, 4).numpy()
+    for name, code in ACTIVATION_CODES.items():
+        value, _ = common.act_grad(pre[0, 0, 0], code)
+        da, h = pre.copy(), pre.copy()
+        train.nt_act_grads(pre, np.ones_like(pre), code, da, h)
+        assert value != value and h[0, 0, 0] != h[0, 0, 0], name
+        assert (h[0, 0, 2:] == h[0, 0, 2:]).all(), name                # finite inputs: no NaN
+    relu = ACTIVATION_CODES["relu"]
+    h = pre.copy()
+    train.nt_act_grads(pre, np.ones_like(pre), relu, pre.copy(), h)
+    assert h[0, 0, 1:].tolist() == [0.0, 0.0, 2.0]                        # relu(-inf) is 0, not NaN
 
 
 def test_local_optimiser_needs_usage():

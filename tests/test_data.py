@@ -193,3 +193,58 @@ def test_mnist5k_builtin():
 def test_val_fraction_checked():
     with pytest.raises(ValueError, match="val_fraction"):
         load_dataset("digits", val_fraction=1.0)
+
+
+CSV_ROWS = [(i % 3, i * 0.5, -i) for i in range(30)]           # (label, height, age)
+
+
+def test_quoted_header_with_the_label_last(tmp_path):
+    """As R's write.csv writes it: quoted names, the label not in the first column."""
+    (tmp_path / "plain.csv").write_text("\n".join(f"{a},{b},{c}" for a, b, c in CSV_ROWS))
+    (tmp_path / "r.csv").write_text('"age","height","label"\n' + "\n".join(f"{c},{b},{a}" for a, b, c in CSV_ROWS))
+    (tmp_path / "rownames.csv").write_text('"","age","height","label"\n'
+                                           + "\n".join(f'"{i + 1}",{c},{b},{a}' for i, (a, b, c) in enumerate(CSV_ROWS)))
+    plain = load_dataset(str(tmp_path / "plain.csv"))
+    for name in ("r.csv", "rownames.csv"):
+        d = load_dataset(str(tmp_path / name))
+        assert d.n_features == 2 and d.n_classes == 3 and len(d.train) == len(plain.train) == 22
+        assert torch.equal(d.train.y, plain.train.y) and torch.equal(d.test.y, plain.test.y)
+        assert torch.allclose(d.train.x, plain.train.x.flip(1))     # (age, height) vs (height, age)
+
+
+@pytest.mark.parametrize("labels, fix", [
+    ([0, 1, 40000], "renumber the classes as 0..C-1"),
+    ([1, 2, 3], "subtract 1 from every label"),
+    ([0, 2, 3], "renumber the classes"),
+])
+def test_labels_that_are_not_class_indices_are_refused(tmp_path, labels, fix):
+    f = tmp_path / "labels.csv"
+    f.write_text("label,x\n" + "\n".join(f"{labels[i % 3]},{i}" for i in range(12)))
+    with pytest.raises(DataFormatError, match="labels must be the class indices 0..C-1") as err:
+        load_dataset(str(f))
+    message = str(err.value)
+    assert str(f) in message and fix in message
+    assert "found 3 distinct labels: " + ", ".join(map(str, labels)) in message
+
+
+def test_unreadable_csv_is_a_value_error_naming_the_file(tmp_path):
+    latin = tmp_path / "latin1.csv"
+    latin.write_bytes("größe,label\n1,0\n2,1\n3,0\n4,1\n".encode("latin-1"))
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text("a,b,label\n1,2,0\n3,1\n")
+    nul = tmp_path / "nul.csv"
+    nul.write_bytes(b"a,label\n1\x00,0\n")
+    for f, message in ((latin, "not UTF-8"), (empty, "empty"), (ragged, "numeric"), (nul, "numeric|cannot read")):
+        with pytest.raises(ValueError, match=message) as err:
+            load_dataset(str(f))
+        assert str(f) in str(err.value)
+    directory = tmp_path / "dir.csv"
+    directory.mkdir()
+    with pytest.raises(ValueError, match="cannot read") as err:
+        ds.load_csv(directory)
+    assert str(directory) in str(err.value)
+    (tmp_path / "junk.npz").write_bytes(b"PK\x03\x04" + b"\x00" * 40)
+    with pytest.raises(ValueError, match="junk.npz.*not a readable .npz"):
+        load_dataset(str(tmp_path / "junk.npz"))

@@ -52,7 +52,11 @@ def test_frontier_experiment_and_report(tmp_path, tiny_frontier):
         assert (v["run"] in meta["grid"]) == (v["run"] in kept)
         assert (root / f"{v['run']}_s1").exists() == (v["run"] in kept)
     cfg = json.loads((root / f"{meta['grid'][0]}_s0" / "config.json").read_text())
-    assert cfg["epochs"] == 2
+    assert cfg["train"]["epochs"] == 2
+    for prefix in meta["grid"]:                                # each run trains the family its name says
+        ffn = prefix.split("_")[2]
+        assert json.loads((root / f"{prefix}_s0" / "config.json").read_text())["model"]["ffn"] == ffn
+        assert json.loads((root / f"{prefix}_s0" / "metrics.json").read_text())["finished"] is True
     lat = meta["latency"][str(data)]
     assert set(lat["b1"]) == set(lat["bN"]) == {"1", "2"} and lat["batch"] == 8
     assert set(lat["b1"]["1"]) == set(meta["grid"]) and all(t > 0 for t in lat["bN"]["2"].values())
@@ -70,13 +74,18 @@ def test_frontier_target_and_pareto():
     assert report.pareto([(1, 80.0), (2, 79.0), (2, 85.0), (4, 85.0), (8, 90.0)]) == [0, 2, 4]
     row = lambda family, neurons, ga, val, b1: {"family": family, "neurons": neurons, "GA": [ga], "val": [val],
                                                 "cost": {"neurons": neurons, "b1_1": b1}, "shape": f"{family} {neurons}"}
-    rows = [row("FFF", 15, 87.0, 88.0, 10.0), row("FFF", 12, 88.0, 87.0, 9.0),   # best on val, not on test
+    rows = [row("fff", 15, 87.0, 88.0, 10.0), row("fff", 12, 88.0, 87.0, 9.0),   # best on val, not on test
             row("dense", 12, 85.5, 86.0, 9.9), row("dense", 16, 86.5, 87.0, 9.5), row("dense", 4, 80.0, 81.0, 8.0)]
     t = report.frontier_target(rows)
     assert t["tree"]["neurons"] == 15                                              # picked on validation
     assert [r["neurons"] for r in t["neurons"]["rivals"]] == [12, 4] and t["neurons"]["gap"] == pytest.approx(1.5)
     assert [r["neurons"] for r in t["b1_1"]["rivals"]] == [12, 16, 4] and not t["b1_1"]["met"]
     assert t["neurons"]["met"] and not t["either"]["met"] and t["either"]["gap"] == pytest.approx(0.5)
+    # a tree is a family sized by depth; MoE rows are neither trees nor the dense baseline
+    assert [report.tree_family(f) for f in ("fff", "neuron-tree", "moe", "dense")] == [True, True, False, False]
+    moe = row("moe", 8, 99.0, 99.0, 1.0)
+    assert report.frontier_target(rows + [moe])["tree"]["neurons"] == 15
+    assert report.frontier_target([moe, rows[2]]) is None
 
 
 def test_pca_routing_init_balances_leaves():
@@ -88,7 +97,7 @@ def test_pca_routing_init_balances_leaves():
     assert counts.min() >= 0.9 * 4096 / 8 and counts.max() <= 1.1 * 4096 / 8
     assert ((x @ layer.node_w[0]).std() - 1.0).abs() < 1e-3                       # logits of unit std at the root
     with pytest.raises(ValueError, match="routing_init"):
-        TrainConfig(data="x", model="dense", routing_init="pca").validate()
+        TrainConfig(data="x", ffn="dense", routing_init="pca").validate()
 
 
 def test_only_and_skip_select_runs():

@@ -107,22 +107,35 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_config_validation_and_json_round_trip():
-    cfg = tiny("fff", {"train_mode": "hard_path", "master_leaf": "token"}, ffn_width=None, leaf=16)
+    cfg = tiny("fff", {"train_mode": "hard_path", "master_leaf": "token", "leaf": 16}, ffn_width=None)
     assert cfg.ffn_width == 4 * cfg.dim
+    assert cfg.ffn_options["leaf"] == 16 and cfg.ffn_options["activation"] == "relu"   # completed with defaults
     assert GPTConfig.from_dict(json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg
     for bad, message in [(dict(heads=3), "divisible by heads"), (dict(layers=0), "layers must be >= 1"),
                          (dict(ffn="mlp"), "ffn must be one of"), (dict(dropout=1.0), "dropout"),
-                         (dict(ffn_options={"f": object()}), "JSON")]:
+                         (dict(ffn="fff", ffn_options={"leaf": "x"}), "fff option 'leaf' must be an integer"),
+                         (dict(ffn="fff", ffn_options={"train_mode": "x"}), "one of 'soft', 'hard_path'"),
+                         (dict(ffn="fff", ffn_width=100, ffn_options={"leaf": 8}), "leaf times a power of two")]:
         with pytest.raises(ValueError, match=message):
             tiny(**bad)
-    with pytest.raises(ValueError, match="do not fit ffn='dense'"):
-        GPT(tiny("dense", {"train_mode": "hard_path"}))
+    with pytest.raises(ValueError, match="unknown dense option.*'train_mode'; dense takes: activation"):
+        tiny("dense", {"train_mode": "hard_path"})
     with pytest.raises(ValueError, match="unknown GPTConfig field"):
         GPTConfig.from_dict(dataclasses.asdict(cfg) | {"width": 3})
 
 
+def test_config_of_the_earlier_format_converts():
+    """Flat feedforward fields of earlier configs move into ffn_options (those the family takes)."""
+    old = dict(vocab_size=VOCAB, context=CONTEXT, layers=2, heads=2, dim=32, dropout=0.0, ffn="neuron-tree",
+               ffn_width=63, leaf=8, trees=1, depth=4, top_k=1, activation="relu", ffn_options={"usage": "hard"})
+    cfg = GPTConfig.from_dict(old)
+    assert cfg.ffn_options == {"trees": 1, "depth": 4, "activation": "relu", "bias": True, "route_bias": 0.0,
+                               "gate": "none", "dense_slice": 0}
+    assert cfg.usage_counters and GPT(cfg).ffns[0].usage == "hard"
+
+
 def test_neuron_counts():
-    dense, fff = build(tiny("dense")), build(tiny("fff", leaf=8))
+    dense, fff = build(tiny("dense")), build(tiny("fff", {"leaf": 8}))
     assert dense.ffn_neurons_per_token == dense.ffn_training_width == 2 * 64
     assert fff.ffn_training_width == 2 * 64 and fff.ffn_neurons_per_token == 2 * (3 + 8)   # depth 3 + one leaf
     assert dense.n_params == sum(p.numel() for p in set(dense.parameters()))

@@ -1,4 +1,5 @@
 """fastff.save / fastff.load: exact round trips, named mismatches, corrupted files."""
+import importlib.util
 import os
 
 import pytest
@@ -9,6 +10,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import fastff
+from fastff import kernels
 from fastff.io import serializable
 
 LAYERS = [
@@ -61,6 +63,62 @@ def test_round_trip_random_fff_configs(tmp_path_factory, depth, leaf, out, maste
     fastff.save(layer, path)
     x = torch.randn(20, 5)
     assert torch.equal(fastff.load(path)(x), layer(x))
+
+
+# odd small shapes; every parameter is redrawn (zero-initialised gates too) before saving
+ODD_LAYERS = [
+    lambda: fastff.FFF(13, 7, 3, 2, master_leaf="token", activation="gelu"),
+    lambda: fastff.FFF(13, 7, 3, 2, master_leaf="scalar", activation="silu", master_width=3),
+    lambda: fastff.FFF(11, 5, 2, 3, activation="tanh"),
+    lambda: fastff.FFF(7, 9, 0, 5, activation="gelu_tanh"),
+    lambda: fastff.FFF(9, 3, 4, 1, train_mode="hard_path", activation="sigmoid"),
+    lambda: fastff.NeuronTree(13, 7, 2, trees=3, activation="relu", bias=False),
+    lambda: fastff.NeuronTree(5, 11, 3, trees=1, activation="gelu"),
+    lambda: fastff.NeuronTree(15, 3, 1, trees=2, activation="identity", bias=False),
+    lambda: fastff.MoE(13, 7, experts=5, expert_width=3, k=2),
+    lambda: fastff.DenseFF(13, 7, 9, activation="gelu"),
+]
+# the inference backends that run CPU tensors (triton needs CUDA: its own test below)
+CPU_INFERENCE_BACKENDS = ("reference", "torch", "cpu", "auto")
+
+
+def _redrawn(layer):
+    """``layer`` in eval mode with every parameter redrawn from N(0, 1)."""
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_()
+    return layer.eval()
+
+
+def _assert_reload_computes_the_same_bits(layer, path, backends, device="cpu"):
+    """Save ``layer``, load it on ``device``: every tensor in fresh 64-byte aligned memory and the
+    same output bits on each of ``backends``."""
+    fastff.save(layer, path)
+    back = fastff.load(path, device=device)
+    layer = layer.to(device)
+    state = back.state_dict()
+    assert len(state) == len(layer.state_dict()) > 0
+    assert all(t.data_ptr() % 64 == 0 for t in state.values()), {k: t.data_ptr() % 64 for k, t in state.items()}
+    x = torch.randn(50, layer.in_features, device=device)
+    for backend in backends:
+        with torch.no_grad(), kernels.forced_backend(backend):
+            assert torch.equal(back(x), layer(x)), backend
+
+
+@pytest.mark.parametrize("make", ODD_LAYERS)
+def test_reload_computes_the_same_bits_on_every_backend(make, tmp_path):
+    """BLAS may round differently on misaligned weights, so loaded tensors must not keep the
+    byte offsets they have inside the file."""
+    torch.manual_seed(0)
+    _assert_reload_computes_the_same_bits(_redrawn(make()), tmp_path / "m.safetensors", CPU_INFERENCE_BACKENDS)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None or not torch.cuda.is_available(),
+                    reason="the triton backend runs CUDA tensors")
+@pytest.mark.parametrize("make", ODD_LAYERS)
+def test_reload_computes_the_same_bits_on_triton(make, tmp_path):
+    torch.manual_seed(0)
+    _assert_reload_computes_the_same_bits(_redrawn(make()), tmp_path / "m.safetensors", ("triton", "auto"), "cuda")
 
 
 def test_attributes_changed_after_construction_are_saved(tmp_path):
@@ -210,3 +268,9 @@ def test_bad_arguments(tmp_path):
         fastff.save(fastff.FFF(4, 2, 1, 2).to("meta"), tmp_path / "meta.safetensors")
     assert not (tmp_path / "meta.safetensors").exists()
     assert sorted(os.listdir(tmp_path)) == ["m.safetensors"]    # no temporary file left behind
+
+
+def test_saved_files_are_readable_like_any_written_file(tmp_path):
+    path = tmp_path / "m.safetensors"
+    fastff.save(fastff.FFF(3, 2, 1, 2), path)
+    assert path.stat().st_mode & 0o777 == 0o644

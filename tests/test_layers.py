@@ -4,10 +4,10 @@ import torch
 from hypothesis import given, strategies as st
 
 import fastff
-from fastff.functional import bernoulli_entropy, mixture_weights, node_reach
+from fastff.functional import bernoulli_entropy, hard_path, hard_path_from_logits, mixture_weights, node_reach
 from fastff.kernels import reference as R
 
-from _routing import route_margin
+from _routing import kept, route_margin
 
 BATCH_SHAPES = [(), (1,), (7,), (2, 3, 5)]
 DTYPES = [torch.float32, torch.float64]
@@ -30,8 +30,19 @@ def test_fff_eval_matches_reference_walk(depth, leaf, d_in, d_out, shape, dtype,
         ref = R.fff_hard(x2.double(), *(p.double() for p in fff_params(f)), activation)
     assert y.shape == (*shape, d_out) and y.dtype == dtype
     tol = 1e-4 if dtype == torch.float32 else 1e-10
-    ok = route_margin(x2, f.node_w, f.node_b, depth) > tol
+    ok = kept(route_margin(x2, f.node_w, f.node_b, depth) > tol, len(x2) // 2)
     torch.testing.assert_close(y.reshape(-1, d_out)[ok].double(), ref[ok], rtol=tol, atol=tol)
+
+
+@given(depth=st.integers(0, 7), rows=st.integers(0, 30), seed=st.integers(0, 2**16))
+def test_hard_path_from_logits_equals_hard_path(depth, rows, seed):
+    torch.manual_seed(seed)
+    x = torch.randn(rows, 5, dtype=torch.float64)
+    w, b = torch.randn((1 << depth) - 1, 5, dtype=torch.float64), torch.randn((1 << depth) - 1, dtype=torch.float64)
+    walk, known = hard_path(x, w, b, depth), hard_path_from_logits(x @ w.T + b, depth)
+    assert known.nodes.shape == (rows, depth) and known.leaf.shape == (rows,)
+    assert torch.equal(walk.nodes, known.nodes) and torch.equal(walk.leaf, known.leaf)
+    torch.testing.assert_close(walk.logits, known.logits, rtol=1e-12, atol=1e-12)
 
 
 @given(depth=st.integers(0, 5), leaf=st.integers(1, 8), d_in=st.integers(1, 6), d_out=st.integers(1, 5),
@@ -137,6 +148,8 @@ def test_usage_counters(mode):
             node = 2 * node + 1 + (logit >= 0).long()
         counts.index_add_(0, node - 7, torch.ones(50, dtype=torch.float64))
         torch.testing.assert_close(f.leaf_usage, 2 * counts)
+        visits = torch.bincount(hard_path(x, f.node_w, f.node_b, 3).nodes.flatten(), minlength=7)
+        torch.testing.assert_close(f.node_usage, 2 * visits.double())    # every node on every row's path
     f.eval()(x)
     assert f.leaf_usage.sum().item() == pytest.approx(100)       # eval does not count
     f.reset_usage()
@@ -152,7 +165,8 @@ def test_neuron_tree_matches_reference_walk(depth, trees, d_in, d_out, shape, dt
     x2 = x.reshape(-1, d_in).double()
     ref = R.neuron_tree(x2, n.w_in.double(), n.b_in.double(), n.w_out.double(), n.b_out.double(), "gelu")
     tol = 1e-4 if dtype == torch.float32 else 1e-10
-    ok = torch.stack([route_margin(x2, n.w_in[k], n.b_in[k], depth + 1) for k in range(trees)]).amin(0) > tol
+    ok = kept(torch.stack([route_margin(x2, n.w_in[k], n.b_in[k], depth + 1) for k in range(trees)]).amin(0) > tol,
+              len(x2) // 2)
     for mode in (n.train, n.eval):
         mode()
         with torch.no_grad():
@@ -177,7 +191,9 @@ def test_neuron_tree_gradients_equal_masked_dense(depth, trees, seed):
     visits = R.neuron_tree_visits(x.detach().reshape(-1, 5), n.w_in, n.b_in)
     for k in range(trees):
         visited[k, visits[:, k].flatten()] = True
-    assert torch.count_nonzero(g[1][~visited]) == 0
+    unvisited = ~visited                              # 6 rows visit at most 6 (depth + 1) neurons per tree
+    assert int(unvisited.sum()) >= trees * max(0, n.neurons_per_tree - 6 * (depth + 1))
+    assert torch.count_nonzero(g[1][unvisited]) == 0
 
 
 def test_neuron_tree_gradcheck():

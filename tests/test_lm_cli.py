@@ -52,17 +52,27 @@ def test_generate_prints_text_and_speed(run_dir, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["text"].startswith("The king") and len(out["text"]) == len("The king") + 5 and out["tokens_per_s"] > 0
     assert main(["lm", "generate", str(run_dir), "--prompt", "The", "--tokens", "40", "--sliding"]) == 0
+    capsys.readouterr()
+    full = "The king and th."                          # exactly the context (16 characters) with --sliding
+    assert main(["lm", "generate", str(run_dir), "--prompt", full, "--tokens", "5", "--json", "--sliding"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["text"]) == len(full) + 5
 
 
 @pytest.mark.parametrize("prompt,tokens,message", [("", 5, "empty"), ("Zebra", 5, "not in the vocabulary"),
-                                                   ("The king", 40, "exceeds the context")])
+                                                   ("The king", 40, "exceed the model.s context of 16.*--sliding")])
 def test_generate_bad_input(run_dir, prompt, tokens, message):
     with pytest.raises(ValueError, match=message):
         main(["lm", "generate", str(run_dir), "--prompt", prompt, "--tokens", str(tokens)])
 
 
+@pytest.mark.parametrize("threads", ["-1", "0"])
+def test_bad_thread_counts_are_one_clear_error(run_dir, threads):
+    with pytest.raises(ValueError, match=f"--threads must be >= 1, got {threads}"):
+        main(["lm", "generate", str(run_dir), "--prompt", "The", "--tokens", "2", "--threads", threads])
+
+
 def test_generate_needs_a_run_directory(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not an LM run directory"):
+    with pytest.raises(FileNotFoundError, match="not a run directory"):
         main(["lm", "generate", str(tmp_path), "--prompt", "a"])
 
 
@@ -107,20 +117,21 @@ def test_experiment_grid_and_report(text_file, tmp_path):
 
 
 def test_lr_schedule_and_config_checks():
-    cfg = L.LMTrainConfig(steps=100, warmup=10, lr=1.0, min_lr_frac=0.1)
-    assert L.lr_at(cfg, 0) == pytest.approx(0.1) and L.lr_at(cfg, 9) == pytest.approx(1.0)
-    assert L.lr_at(cfg, 99) == pytest.approx(0.1, abs=1e-3)
+    schedule = L.schedule(L.LMTrainConfig(steps=100, warmup=10, lr=1.0, min_lr_frac=0.1))
+    assert schedule(0) == pytest.approx(0.1) and schedule(9) == pytest.approx(1.0)
+    assert schedule(99) == pytest.approx(0.1, abs=1e-3)
     with pytest.raises(ValueError, match="lr"):
         L.LMTrainConfig(lr=0).validate()
     with pytest.raises(ValueError, match="steps"):
         L.LMTrainConfig(steps=0).validate()
 
 
-def test_fit_rejects_a_model_for_another_vocabulary(text_file):
+def test_fit_rejects_a_model_for_another_vocabulary(text_file, tmp_path):
     splits = split_text(text_file.read_text())
     with pytest.raises(ValueError, match="vocab_size"):
         L.fit(GPTConfig(vocab_size=len(splits.vocab) + 1, context=8, layers=1, heads=1, dim=8),
-              L.LMTrainConfig(steps=1), splits, progress=False)
+              L.LMTrainConfig(steps=1), splits, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()         # refused before the run directory was made
 
 
 def test_experiment_lm_is_the_lm_experiment_command(capsys):
@@ -134,14 +145,17 @@ def test_experiment_lm_is_the_lm_experiment_command(capsys):
 def test_train_with_local_adam(text_file, tmp_path, ffn):
     """`--optimizer local-adam` trains a tree LM (validation loss falls) and records its recipe."""
     out = tmp_path / ffn
-    assert main(["lm", "train", "--text", str(text_file), "--ffn", ffn, "--depth", "3", *TINY, "--steps", "40",
+    shape = ["--depth", "3"] if ffn == "neuron-tree" else ["--width", "64", "--leaf", "8"]
+    assert main(["lm", "train", "--text", str(text_file), "--ffn", ffn, *shape, *TINY, "--steps", "40",
                  "--batch", "8", "--eval-every", "20", "--eval-batches", "4", "--lr", "1e-2", "--warmup", "5",
                  "--optimizer", "local-adam", "--local-batch-size", "16", "--out", str(out), "--quiet"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     _, vocab, config = L.load_run(out)
     assert metrics["history"][-1]["val_loss"] < 0.9 * math.log(len(vocab))     # below uniform guessing
     assert config["train"]["optimizer"] == "local-adam" and config["train"]["weight_decay"] == 0.0
-    assert config["model"]["ffn_options"]["usage"] == ("hard" if ffn == "neuron-tree" else "soft")
+    assert config["model"]["usage_counters"] is True
+    model, _, _ = L.load_run(out)
+    assert model.ffns[0].usage == ("hard" if ffn == "neuron-tree" else "soft")
 
 
 def test_bench_defaults_are_a_valid_gpt2_small_setting():
@@ -151,7 +165,7 @@ def test_bench_defaults_are_a_valid_gpt2_small_setting():
     parser = argparse.ArgumentParser()
     app.add_arguments(parser)
     args = parser.parse_args(["bench"])
-    assert (args.layers, args.dim, args.heads, args.depth) == (12, 768, 12, 11)
+    assert (args.layers, args.dim, args.heads, args.ffn_option_depth) == (12, 768, 12, 11)
     assert args.prompt_tokens == 512 and args.prompt_tokens + args.new_tokens <= args.context
 
 
@@ -180,10 +194,12 @@ def test_experiment_stage_names_are_checked_and_report_alone_writes_the_report(t
 
 def test_int8_baseline_quantizes_attention_and_dense_feedforwards_but_not_trees():
     from fastff import NeuronTree
-    from fastff.apps.lm import int8
     from fastff.models.gpt import GPT
+    from fastff.models.quantize import quantize_int8
+    int8 = lambda model: quantize_int8(model, feedforwards=True)      # what `lm bench` times as NAME-int8
     dense = int8(GPT(GPTConfig(vocab_size=11, context=8, layers=1, heads=2, dim=16, ffn="dense", ffn_width=32)).eval())
-    tree = int8(GPT(GPTConfig(vocab_size=11, context=8, layers=1, heads=2, dim=16, ffn="neuron-tree", depth=3)).eval())
+    tree = int8(GPT(GPTConfig(vocab_size=11, context=8, layers=1, heads=2, dim=16, ffn="neuron-tree",
+                              ffn_options={"depth": 3})).eval())
     quantized = torch.ao.nn.quantized.dynamic.Linear
     assert isinstance(dense.blocks[0].attn.qkv, quantized) and isinstance(dense.blocks[0].ffn.fc1, quantized)
     assert isinstance(tree.blocks[0].attn.qkv, quantized) and isinstance(tree.blocks[0].ffn, NeuronTree)

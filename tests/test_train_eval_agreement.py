@@ -8,7 +8,7 @@ import torch
 
 import fastff
 
-from _routing import route_margin
+from _routing import kept, route_margin
 
 F64 = torch.float64
 HARD_ROUTED = {
@@ -60,7 +60,7 @@ def test_float32_eval_agrees_with_training_off_the_boundaries():
     layer = HARD_ROUTED["fff_hard_path"]()
     x = torch.randn(500, 16)
     train, evaluated = train_and_eval_outputs(layer, x, None)
-    keep = route_margin(x, layer.node_w, layer.node_b, layer.depth) > 1e-4
+    keep = kept(route_margin(x, layer.node_w, layer.node_b, layer.depth) > 1e-4, 490)
     torch.testing.assert_close(evaluated[keep], train[keep], rtol=1e-5, atol=1e-6)
 
 
@@ -75,7 +75,7 @@ def test_export_computes_the_gated_function(tmp_path):
     with torch.no_grad():
         train = layer.train()(x)
         layer.eval()
-        keep = route_margin(x, layer.node_w, layer.node_b, layer.depth) > 1e-4
+        keep = kept(route_margin(x, layer.node_w, layer.node_b, layer.depth) > 1e-4, 30)
         torch.testing.assert_close(export_program(layer).module()(x)[keep], train[keep], rtol=1e-5, atol=1e-5)
         (y,) = onnx_session(export_onnx(layer, tmp_path / "fff.onnx")).run(None, {"x": x.numpy()})
         torch.testing.assert_close(torch.from_numpy(y)[keep], train[keep], rtol=1e-5, atol=1e-5)

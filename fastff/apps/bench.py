@@ -1,4 +1,5 @@
-"""`fastff bench`: inference time of FFF / NeuronTree against dense and MoE baselines.
+"""`fastff bench`: inference time of a feedforward family (FFF, NeuronTree, any registered one)
+against dense and MoE baselines.
 
 Everything is timed in one process, interleaved (each repeat runs every candidate once, in
 turn), after warm-up, under ``torch.inference_mode()``; the reported time is the median. For
@@ -7,6 +8,7 @@ candidate (steady-state caches for every candidate alike).
 Candidates (``backend`` field of a row):
 
 - ``dense``: ``fastff.DenseFF`` (nn.Linear -> GELU -> nn.Linear) of the layer's training width;
+- ``layer``: the layer itself, for families without inference backends;
 - ``torch``: the layer with ``backend="torch"`` (vectorised gathers);
 - ``cpu``: the layer with ``backend="cpu"`` (numba kernels; full module call);
 - ``cpu-kernel``: ``fastff.kernels.cpu`` called directly on the 2-D input (no module overhead);
@@ -29,78 +31,75 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .. import kernels
-from .._checks import check_choice, check_int
+from .._checks import check_int
 from ..functional import activation_code
-from ..layers import FFF, MoE, DenseFF, NeuronTree
-from ..threads import set_threads
+from ..layers.families import FAMILIES, family, make_ffn
+from .arguments import add_ffn_options, add_threads, apply_threads, ffn_options
 from .timing import best_time, median_times
 
-LAYERS = ("neuron-tree", "fff")
 MOE_EXPERTS = 16
 FIELDS = ("layer", "batch", "depth", "backend", "ms", "speedup_vs_dense", "width", "dim", "threads",
           "bytes_per_row", "flops_per_row", "gb_s", "gflop_s", "pct_copy_bw", "pct_gemm", "bound_ms",
           "pct_of_bound", "bound")
 
 
+# the bench's defaults for options a family has (the rest are the family's own)
+BENCH_DEFAULTS = {"activation": "gelu", "leaf": 16}
+
+
 @dataclass
 class Spec:
-    """A layer configuration: ``layer`` in LAYERS, input = output width ``dim``."""
+    """A layer configuration: family ``layer``, input = output width ``dim``, at ``depth`` (the
+    family's ``sized``) or at training width ``width``, with the family's ``options`` (missing
+    ones from ``BENCH_DEFAULTS``, then the family's defaults)."""
     layer: str
-    depth: int
+    depth: int | None = None
     dim: int = 768
-    trees: int = 1
-    leaf: int = 16
-    activation: str = "gelu"
+    options: dict = field(default_factory=dict)
+    width: int | None = None
+
+    def __post_init__(self):
+        fam = family(self.layer)
+        options = {k: v for k, v in BENCH_DEFAULTS.items() if fam.option(k) is not None} | self.options
+        if self.width is None:
+            if self.depth is None or fam.sized is None:
+                raise ValueError(f"bench {fam.name}: give a --width (it has no depth to size it by)"
+                                 if fam.sized is None else "bench: give a --depth or a --width")
+            self.width, options = fam.sized(self.depth, options)
+        self.options = fam.resolve(self.width, options)
+        self.family = fam
 
     def build(self, backend: str | None = None):
-        """The routed layer (eval mode, float32)."""
-        if self.layer == "fff":
-            return FFF(self.dim, self.dim, self.depth, self.leaf, activation=self.activation, backend=backend).eval()
-        return NeuronTree(self.dim, self.dim, self.depth, self.trees, activation=self.activation,
-                          backend=backend).eval()
+        """The layer under test (eval mode, float32; on ``backend`` where its family has backends)."""
+        runtime = {} if backend is None else {"backend": backend}
+        return self.family.build(self.dim, self.dim, self.width, self.options, **runtime).eval()
 
     @property
-    def width(self) -> int:
-        """Training width: FFF leaves x leaf width; NeuronTree trees x nodes."""
-        if self.layer == "fff":
-            return (1 << self.depth) * self.leaf
-        return self.trees * ((1 << (self.depth + 1)) - 1)
+    def training_width(self) -> int:
+        return self.family.geometry(self.width, self.options).training_width
 
-    def work_per_row(self) -> tuple[int, int]:
+    def work_per_row(self) -> tuple[int | None, int | None]:
         """(bytes, FLOPs) one row touches in hard inference, float32, no reuse across rows:
-        the weights on its path, its input row and its output row."""
-        d, f = self.dim, 4
-        if self.layer == "fff":
-            weights = self.depth * (d + 1) + d * self.leaf + self.leaf + self.leaf * d + d
-            flops = 2 * self.depth * d + 2 * d * self.leaf + 2 * self.leaf * d
-        else:
-            used = self.trees * (self.depth + 1)
-            weights = used * (d + 1 + d) + d
-            flops = used * 4 * d
-        return (weights + 2 * d) * f, flops
+        the weights on its path, its input row and its output row (None, None: unknown)."""
+        if self.family.cost is None:
+            return None, None
+        weights, flops, _ = self.family.cost(self.dim, self.options, self.width)
+        return (weights + 2 * self.dim) * 4, flops
 
-    def unique_bytes(self, batch: int) -> float:
+    def unique_bytes(self, batch: int) -> float | None:
         """Distinct bytes a batch of hard inference must move at least (float32): every weight
-        row some row of the batch touches, once — expected under uniform routing, a level of n
-        nodes being touched at n·(1 - (1 - 1/n)^batch) nodes — plus the input and output."""
-        def touched(n: int) -> float:
-            return n * -math.expm1(batch * math.log1p(-1 / n)) if n > 1 else float(batch > 0)
-
-        d = self.dim
-        if self.layer == "fff":
-            weights = (sum(touched(1 << t) for t in range(self.depth)) * (d + 1)
-                       + touched(1 << self.depth) * (2 * d * self.leaf + self.leaf + d))
-        else:
-            weights = self.trees * sum(touched(1 << t) for t in range(self.depth + 1)) * (2 * d + 1) + d
-        return 4 * (weights + 2 * d * batch)
+        row some row of the batch touches, once — expected under uniform routing — plus the
+        input and output (None: unknown)."""
+        if self.family.cost is None:
+            return None
+        return 4 * (self.family.cost(self.dim, self.options, self.width)[2](batch) + 2 * self.dim * batch)
 
 
 def parse_batches(text: str) -> list[int]:
@@ -130,9 +129,9 @@ def add_limits(rows: list[dict], limits: dict | None) -> list[dict]:
     the bound: bound_ms = max(unique_bytes / copy bandwidth, batch FLOPs / GEMM peak), bound =
     "memory" | "compute" (the larger), pct_of_bound = 100 · bound_ms / ms."""
     for r in rows:
-        for field, achieved, limit in (("pct_copy_bw", "gb_s", "copy_gb_s"), ("pct_gemm", "gflop_s", "gemm_gflop_s")):
+        for key, achieved, limit in (("pct_copy_bw", "gb_s", "copy_gb_s"), ("pct_gemm", "gflop_s", "gemm_gflop_s")):
             ok = limits is not None and r.get(achieved) is not None
-            r[field] = 100 * r[achieved] / limits[limit] if ok else None
+            r[key] = 100 * r[achieved] / limits[limit] if ok else None
         r["bound_ms"] = r["pct_of_bound"] = r["bound"] = None
         if limits is not None and r.get("unique_bytes") is not None and r.get("flops_per_row") is not None:
             memory = 1e3 * r["unique_bytes"] / (limits["copy_gb_s"] * 1e9)
@@ -146,36 +145,27 @@ def candidates(spec: Spec, include: set[str]) -> dict:
     """backend name -> callable(x) for every candidate in ``include``."""
     torch.manual_seed(0)
     out = {}
+    fam, act = spec.family, spec.options.get("activation", "gelu")
     if "dense" in include:
-        out["dense"] = DenseFF(spec.dim, spec.dim, spec.width, spec.activation).eval()
+        out["dense"] = make_ffn("dense", spec.dim, spec.dim, spec.training_width, activation=act).eval()
+    if not fam.backends and "layer" in include:
+        out["layer"] = spec.build()
     for backend in ("torch", "cpu", "reference"):
-        if backend in include:
+        if fam.backends and backend in include:
             out[backend] = spec.build(backend)
     # cpu-kernel and cpu-numba get layers of their own: candidates that shared weights would warm
     # each other's caches (after the dense baseline evicts them, whichever ran second would win).
-    if "cpu-kernel" in include:
-        kernel, _, w = _cpu_functions_and_weights(spec)
-        out["cpu-kernel"] = lambda x: kernel(x, *w, spec.activation)
-    if "cpu-numba" in include:
-        _, run, w = _cpu_functions_and_weights(spec)
-        out["cpu-numba"] = _numba_call(run, kernels.cpu.weights_np(*w), activation_code(spec.activation),
-                                       spec.dim)
+    if fam.cpu_kernel is not None and "cpu-kernel" in include:
+        kernel, _, w = fam.cpu_kernel(spec.build("cpu"))
+        out["cpu-kernel"] = lambda x: kernel(x, *w, act)
+    if fam.cpu_kernel is not None and "cpu-numba" in include:
+        _, run, w = fam.cpu_kernel(spec.build("cpu"))
+        out["cpu-numba"] = _numba_call(run, kernels.cpu.weights_np(*w), activation_code(act), spec.dim)
     for k in (1, 2):
         if f"moe-top{k}" in include:
-            out[f"moe-top{k}"] = MoE(spec.dim, spec.dim, MOE_EXPERTS, -(-spec.width // MOE_EXPERTS), k=k,
-                                     activation=spec.activation).eval()
+            out[f"moe-top{k}"] = make_ffn("moe", spec.dim, spec.dim, MOE_EXPERTS * -(-spec.training_width // MOE_EXPERTS),
+                                          leaf=-(-spec.training_width // MOE_EXPERTS), top_k=k, activation=act).eval()
     return out
-
-
-def _cpu_functions_and_weights(spec: Spec):
-    """(backend function and numba-part function ``run(xa, weights, code, out)`` of
-    ``kernels.cpu``, weight tensors of a freshly built layer)."""
-    layer = spec.build("cpu")
-    cpu = kernels.cpu
-    if spec.layer == "fff":
-        run = lambda xa, weights, code, out: cpu.fff_run(xa, weights, code, False, out)
-        return cpu.fff_hard, run, (layer.node_w, layer.node_b, layer.w1, layer.b1, layer.w2, layer.b2)
-    return cpu.neuron_tree, cpu.neuron_tree_run, (layer.w_in, layer.b_in, layer.w_out, layer.b_out)
 
 
 def _numba_call(run, weights, code: int, out_features: int):
@@ -203,16 +193,17 @@ def repeats_for(batch: int, base: int) -> int:
 
 
 def bench_rows(spec: Spec, batches: list[int], repeats: int = 20, warmup: int = 2,
-               include: tuple[str, ...] = ("dense", "torch", "cpu", "cpu-kernel", "cpu-numba", "moe-top1",
+               include: tuple[str, ...] = ("dense", "layer", "torch", "cpu", "cpu-kernel", "cpu-numba", "moe-top1",
                                            "moe-top2", "reference"),
                reference_max_batch: int = 64, log=None) -> list[dict]:
     """Time every candidate at every batch size. Returns rows with the fields in FIELDS."""
     fns = candidates(spec, set(include))
     threads = torch.get_num_threads()
     bytes_row, flops_row = spec.work_per_row()
+    width = spec.training_width
     dense_bytes_row = 4 * 2 * spec.dim
-    dense_flops_row = 4 * spec.dim * spec.width
-    dense_weight_bytes = 4 * (2 * spec.dim * spec.width + spec.width + spec.dim)
+    dense_flops_row = 4 * spec.dim * width
+    dense_weight_bytes = 4 * (2 * spec.dim * width + width + spec.dim)
     rows = []
     for batch in batches:
         active = {k: f for k, f in fns.items() if k != "reference" or batch <= reference_max_batch}
@@ -229,14 +220,14 @@ def bench_rows(spec: Spec, batches: list[int], repeats: int = 20, warmup: int = 
             if name == "dense":
                 moved, flops = dense_weight_bytes + batch * dense_bytes_row, batch * dense_flops_row
                 unique = moved
-            elif name.startswith("moe"):
+            elif name.startswith("moe") or bytes_row is None:
                 moved = flops = unique = None
             else:
                 moved, flops, unique = batch * bytes_row, batch * flops_row, spec.unique_bytes(batch)
             rows.append({
                 "layer": spec.layer, "batch": batch, "depth": spec.depth, "backend": name,
                 "ms": sec * 1e3, "speedup_vs_dense": med["dense"] / sec if "dense" in med else None,
-                "width": spec.width, "dim": spec.dim, "threads": threads,
+                "width": width, "dim": spec.dim, "threads": threads,
                 "bytes_per_row": None if moved is None else moved / batch,
                 "flops_per_row": None if flops is None else flops / batch,
                 "gb_s": None if moved is None else moved / sec / 1e9,
@@ -246,14 +237,14 @@ def bench_rows(spec: Spec, batches: list[int], repeats: int = 20, warmup: int = 
     return rows
 
 
-def depth_sweep(layer: str, depths, dim: int, batch: int, repeats: int, log=None, **spec_kw) -> list[dict]:
+def depth_sweep(layer: str, depths, dim: int, batch: int, repeats: int, log=None, options=None) -> list[dict]:
     """Rows (dense / torch / cpu-kernel / cpu-numba) for each depth at one batch size, for the scaling plot."""
     rows = []
     for depth in depths:
         if log:
             log(f"depth {depth}")
-        rows += bench_rows(Spec(layer, depth, dim, **spec_kw), [batch], repeats=repeats,
-                           include=("dense", "torch", "cpu-kernel", "cpu-numba"))
+        rows += bench_rows(Spec(layer, depth, dim, dict(options or {})), [batch], repeats=repeats,
+                           include=("dense", "layer", "torch", "cpu-kernel", "cpu-numba"))
     return rows
 
 
@@ -311,16 +302,15 @@ def format_csv(rows: list[dict], fields=FIELDS) -> str:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--layer", default="neuron-tree", choices=LAYERS)
-    p.add_argument("--depth", type=int, default=11)
-    p.add_argument("--trees", type=int, default=1, help="NeuronTree: parallel trees")
-    p.add_argument("--leaf", type=int, default=16, help="FFF: leaf width")
+    p.add_argument("--layer", default="neuron-tree", choices=sorted(FAMILIES), help="feedforward family")
+    p.add_argument("--depth", type=int, default=11, help="size the layer by depth (FFF: leaf x 2^depth wide)")
+    p.add_argument("--width", type=int, default=None, help="size the layer by training width instead of --depth")
     p.add_argument("--dim", type=int, default=768, help="input = output width")
-    p.add_argument("--activation", default="gelu")
+    add_ffn_options(p, skip=("depth",))
     p.add_argument("--batch", default="1,64,4096,16384", help="comma-separated batch sizes")
     p.add_argument("--repeats", type=int, default=20, help="timed calls per candidate at small batches")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch and numba threads")
+    add_threads(p)
     p.add_argument("--reference-max-batch", type=int, default=64,
                    help="largest batch for the slow per-sample loop")
     p.add_argument("--no-limits", action="store_true", help="skip measuring copy bandwidth / GEMM peak")
@@ -336,11 +326,10 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    layer = check_choice("--layer", args.layer, LAYERS)
-    spec = Spec(layer, check_int("--depth", args.depth, 0, 20), check_int("--dim", args.dim, 1),
-                check_int("--trees", args.trees, 1), check_int("--leaf", args.leaf, 1), args.activation)
+    depth = None if args.width is not None else check_int("--depth", args.depth, 0, 20)
+    spec = Spec(args.layer, depth, check_int("--dim", args.dim, 1), ffn_options(args, args.layer), args.width)
     batches = parse_batches(args.batch)
-    set_threads(check_int("--threads", args.threads, 1))
+    apply_threads(args)
     log = lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)
     limits = None
     if not args.no_limits:
@@ -359,9 +348,8 @@ def run(args) -> int:
     if args.plot:
         lo, _, hi = args.plot_depths.partition("-")
         depths = range(check_int("--plot-depths", int(lo), 0, 20), check_int("--plot-depths", int(hi or lo), 0, 20) + 1)
-        sweep = depth_sweep(layer, depths, spec.dim, check_int("--plot-batch", args.plot_batch, 1),
-                            max(3, args.repeats // 4), log=log, trees=spec.trees, leaf=spec.leaf,
-                            activation=spec.activation)
+        sweep = depth_sweep(spec.layer, depths, spec.dim, check_int("--plot-batch", args.plot_batch, 1),
+                            max(3, args.repeats // 4), log=log, options=ffn_options(args, args.layer))
         plot_depth(sweep, args.plot)
         log(f"wrote {args.plot}")
     add_limits(rows + sweep, limits)

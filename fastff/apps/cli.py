@@ -39,13 +39,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def console() -> int:
     """The ``fastff`` executable: ``main`` with bad input (``ValueError``, ``FileNotFoundError``: the
-    library's messages say what to change) printed as one line, exit status 2; other errors keep
-    their traceback."""
+    library's messages say what to change) printed as one line, exit status 2; a training run
+    stopped by SIGINT / SIGTERM (checkpoint written) as one line, exit status 128 + the signal;
+    other errors keep their traceback."""
+    from ..training.run import Interrupted
+
     try:
         return main()
     except (ValueError, FileNotFoundError) as e:
         print(f"fastff: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"fastff: {e}", file=sys.stderr)
+        return 128 + e.signum
 
 
 if __name__ == "__main__":

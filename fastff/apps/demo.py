@@ -13,9 +13,9 @@ import copy
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 import fastff
+from ..progress import progress
 from .timing import median_times
 
 
@@ -54,7 +54,7 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return (model(x).argmax(-1) == y).float().mean().item()
 
 
-def train(model: nn.Module, splits, epochs: int, seed: int, bar: tqdm) -> nn.Module:
+def train(model: nn.Module, splits, epochs: int, seed: int, bar) -> nn.Module:
     """Adam + cross-entropy (+ hardening and load balancing for FFF); returns the best-on-validation copy."""
     (x, y), (xv, yv), _ = splits
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -72,7 +72,7 @@ def train(model: nn.Module, splits, epochs: int, seed: int, bar: tqdm) -> nn.Mod
         val = accuracy(model, xv, yv)
         if val > best_acc:
             best, best_acc = copy.deepcopy(model), val
-        bar.set_postfix(val=f"{val:.3f}")
+        bar.set_postfix(val=f"{val:.3f}", refresh=False)
         bar.update()
     return best
 
@@ -91,9 +91,9 @@ def run(args) -> int:
     epochs = 3 if args.quick else args.epochs
     splits = digits_splits(args.seed)
     trained = {}
-    bar = tqdm(total=epochs * 4, desc="training on digits", unit="epoch")
+    bar = progress(total=epochs * 4, desc="training on digits", unit="epoch")
     for name, model in models(64, 10).items():
-        bar.set_description(f"training {name}")
+        bar.set_description(f"training {name}", refresh=False)
         trained[name] = train(model, splits, epochs, args.seed, bar)
     bar.close()
 

@@ -1,7 +1,10 @@
 """`fastff experiment table1|ablation|moe|vit|recipe`: run a whole grid of `fastff train` runs, then its
-report. Runs go to ``<runs>/<experiment>/<name>_s<seed>/``; a run whose metrics.json exists is
-skipped, so an interrupted grid resumes where it stopped. Each process uses one torch thread
-(``--threads``) so several grids can share the machine.
+report. Runs go to ``<runs>/<experiment>/<name>_s<seed>/``; a finished run is skipped and an
+interrupted one continues from its checkpoint, so an interrupted grid resumes where it stopped.
+Each process uses one torch thread (``--threads``) so several grids can share the machine.
+
+A grid entry is one flat dict: ``ffn`` (the feedforward family), ``TrainConfig`` fields and the
+family's options (``leaf``, ``master_leaf``, ...), which ``make_config`` moves into ``ffn_options``.
 
 Default sizes (chosen so every grid fits in <= 30 min on one core of a 2-core CPU; the full
 sizes are the flags shown):
@@ -39,8 +42,10 @@ from pathlib import Path
 import torch
 
 from ..data import Dataset
+from ..layers import families
 from ..models.vit import TinyViT
 from ..threads import set_threads
+from ..training.run import read_json
 from ..training.trainer import TrainConfig
 from .timing import median_times
 
@@ -62,10 +67,11 @@ FRONTIER_EPOCHS = 20
 FRONTIER_RECIPES = {"sgd": dict(lr=0.2, schedule="cosine"),
                     "momentum": dict(lr=0.05, momentum=0.9, weight_decay=5e-4, schedule="cosine"),
                     "adam": dict(optimizer="adam", lr=1e-3, schedule="cosine")}
-FRONTIER_FAMILIES = {"dense": dict(model="dense"),
-                     "fff": dict(model="fff", hardening=3.0),          # h ramped in over the first third
-                     "neuron-tree": dict(model="neuron-tree", activation="gelu"),   # UltraFastBERT's GELU
-                     "moe": dict(model="moe", balance=0.01)}          # Switch's load-balancing alpha
+# keyed by family name (``fastff.layers.FAMILIES``): the family's fixed settings
+FRONTIER_FAMILIES = {"dense": {},
+                     "fff": dict(hardening=3.0),                  # h ramped in over the first third
+                     "neuron-tree": dict(activation="gelu"),      # UltraFastBERT's GELU
+                     "moe": dict(balance=0.01)}                   # Switch's load-balancing alpha
 FRONTIER_SEARCH = {"dense": dict(width=16), "fff": dict(width=128, leaf=8), "neuron-tree": dict(width=1023),
                    "moe": dict(width=128, leaf=16)}
 # dense widths: 4..128 plus every neuron count a tree of the grid or the variants uses at <= 16,
@@ -127,6 +133,18 @@ def _ints(text: str) -> list[int]:
     return [int(t) for t in text.split(",") if t]
 
 
+_CONFIG_FIELDS = set(TrainConfig.__dataclass_fields__) - {"ffn_options"}
+
+
+def make_config(values: dict) -> TrainConfig:
+    """The validated TrainConfig of a flat grid entry: ``TrainConfig`` fields stay, every other
+    name is an option of the family ``values["ffn"]`` (an unknown one is an error naming the
+    options that family takes)."""
+    options = {k: v for k, v in values.items() if k not in _CONFIG_FIELDS}
+    fields = {k: v for k, v in values.items() if k in _CONFIG_FIELDS}
+    return TrainConfig(**fields, ffn_options=options).validate()
+
+
 def grid(args: argparse.Namespace) -> list[tuple[str, TrainConfig]]:
     """(run name, config) for every run of the experiment, seeds innermost-last."""
     runs: list[tuple[str, dict]] = []
@@ -135,13 +153,13 @@ def grid(args: argparse.Namespace) -> list[tuple[str, TrainConfig]]:
             epochs = args.epochs or (args.epochs_fashion if data == "fashion-mnist" else args.epochs_mnist)
             tag = _data_tag(data)
             for w in _ints(args.widths):
-                runs.append((f"{tag}_ff_w{w}", dict(data=data, model="ff", width=w, epochs=epochs)))
+                runs.append((f"{tag}_ff_w{w}", dict(data=data, ffn="dense", width=w, epochs=epochs)))
                 for leaf in _ints(args.leaves):
                     if leaf <= w:
                         runs.append((f"{tag}_fff_w{w}_l{leaf}",
-                                     dict(data=data, model="fff", width=w, leaf=leaf, epochs=epochs)))
+                                     dict(data=data, ffn="fff", width=w, leaf=leaf, epochs=epochs)))
     elif args.name == "ablation":
-        base = dict(data="fashion-mnist", model="fff", width=128, leaf=8, epochs=args.epochs or 10)
+        base = dict(data="fashion-mnist", ffn="fff", width=128, leaf=8, epochs=args.epochs or 10)
         variants = {"fff": {}, "balance": dict(balance=1.0), "master-scalar": dict(master_leaf="scalar"),
                     "master-token": dict(master_leaf="token"),
                     "balance+master-token": dict(balance=1.0, master_leaf="token"),
@@ -152,29 +170,29 @@ def grid(args: argparse.Namespace) -> list[tuple[str, TrainConfig]]:
         runs = [(f"ablation_{k}", base | v) for k, v in variants.items()]
     elif args.name == "moe":
         base = dict(data="fashion-mnist", width=128, epochs=args.epochs or 10)
-        runs = [("moe_ff", base | dict(model="ff")),
-                ("moe_moe_e16_k1", base | dict(model="moe", leaf=16, top_k=1)),
-                ("moe_moe_e16_k2", base | dict(model="moe", leaf=16, top_k=2)),
-                ("moe_fff_l16", base | dict(model="fff", leaf=16))]   # FFF l=8 at w=128: see ablation
+        runs = [("moe_ff", base | dict(ffn="dense")),
+                ("moe_moe_e16_k1", base | dict(ffn="moe", leaf=16, top_k=1)),
+                ("moe_moe_e16_k2", base | dict(ffn="moe", leaf=16, top_k=2)),
+                ("moe_fff_l16", base | dict(ffn="fff", leaf=16))]   # FFF l=8 at w=128: see ablation
     elif args.name == "recipe":
         epochs = args.epochs or RECIPE["epochs"]     # a shorter run keeps its h ramp within the run
         data = dict(data="fashion-mnist", width=128)
         base = data | RECIPE | dict(epochs=epochs, hardening_warmup=min(RECIPE["hardening_warmup"], epochs))
-        runs = [("recipe_ff", base | dict(model="ff")),
-                ("recipe_ff-momentum", data | FF_RECIPE | dict(model="ff", epochs=epochs))]
-        runs += [(f"recipe_{k}", base | dict(model="fff", leaf=8) | v) for k, v in RECIPE_VARIANTS.items()]
+        runs = [("recipe_ff", base | dict(ffn="dense")),
+                ("recipe_ff-momentum", data | FF_RECIPE | dict(ffn="dense", epochs=epochs))]
+        runs += [(f"recipe_{k}", base | dict(ffn="fff", leaf=8) | v) for k, v in RECIPE_VARIANTS.items()]
     elif args.name == "vit":
         limit = 5000 if args.limit is None else args.limit
         base = dict(data="fashion-mnist", arch="vit", width=128, epochs=args.epochs or 3, limit=limit or None,
                     activation="gelu", lr=0.05, momentum=0.9, hardening=0.5, hardening_mode="reach")
-        runs = [("vit_ff", base | dict(model="ff")),
-                ("vit_fff_l1_d7", base | dict(model="fff", leaf=1)),
-                ("vit_fff_l8_d4", base | dict(model="fff", leaf=8))]
+        runs = [("vit_ff", base | dict(ffn="dense")),
+                ("vit_fff_l1_d7", base | dict(ffn="fff", leaf=1)),
+                ("vit_fff_l8_d4", base | dict(ffn="fff", leaf=8))]
     else:
         raise ValueError(f"{args.name!r} is trained in stages: see frontier_search, frontier_grid, frontier_variants")
     if args.limit is not None and args.name != "vit":
         runs = [(n, c | dict(limit=args.limit or None)) for n, c in runs]
-    return [(f"{name}_s{seed}", TrainConfig(**cfg, seed=seed).validate())
+    return [(f"{name}_s{seed}", make_config(cfg | dict(seed=seed)))
             for name, cfg in runs for seed in range(args.first_seed, args.first_seed + args.seeds)]
 
 
@@ -206,15 +224,17 @@ def save_ffn_timing(out: Path, model: TinyViT, data: Dataset, rows: int = 1000) 
 
 def _frontier_run(args, data: str, family: str, recipe: str, c: dict, seed: int, variant: str = "",
                   options: dict | None = None) -> tuple[str, TrainConfig]:
-    """(run name, config) of one frontier run: family options, recipe, config ``c``, variant options."""
+    """(run name, config) of one frontier run: family settings, recipe, config ``c``, variant
+    options. The name tags the width and every other entry of ``c`` by its initial (``_l8``, ``_t2``)."""
     epochs = args.epochs or (FRONTIER_EPOCHS if data == "fashion-mnist" else args.epochs_mnist)
-    ramp = dict(hardening_warmup=round(epochs / 3)) if family == "fff" else {}
-    cfg = dict(data=data, epochs=epochs) | FRONTIER_FAMILIES[family] | ramp | FRONTIER_RECIPES[recipe] | c | (options or {})
+    ramp = dict(hardening_warmup=round(epochs / 3)) if "hardening" in families.family(family).aux_losses else {}
+    cfg = (dict(data=data, ffn=family, epochs=epochs) | FRONTIER_FAMILIES[family] | ramp | FRONTIER_RECIPES[recipe]
+           | c | (options or {}))
     if args.limit is not None:
         cfg["limit"] = args.limit or None
-    shape = f"w{c['width']}" + "".join(f"_{k[0]}{c[k]}" for k in ("leaf", "trees") if k in c)
+    shape = f"w{c['width']}" + "".join(f"_{k[0]}{v}" for k, v in c.items() if k != "width")
     name = f"frontier_{_data_tag(data)}_{family}_{shape}{'_' + variant if variant else ''}_{recipe}_s{seed}"
-    return name, TrainConfig(**cfg, seed=seed).validate()
+    return name, make_config(cfg | dict(seed=seed))
 
 
 def _frontier_datasets(args) -> list[str]:
@@ -241,8 +261,14 @@ def frontier_variants(args, recipes: dict, seeds=None) -> list[tuple[str, TrainC
             for data in _frontier_datasets(args) for base, variant, options in FRONTIER_VARIANTS for seed in seeds]
 
 
+def finished(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a finished run (runs of the older format: metrics.json is written at the end)."""
+    path = Path(run_dir) / "metrics.json"
+    return path.exists() and bool(read_json(path).get("finished", True))
+
+
 def _selected(root: Path, name: str) -> dict:
-    m = json.loads((root / name / "metrics.json").read_text())
+    m = read_json(root / name / "metrics.json")
     return {"val": m["selected"]["val_acc"], "neurons": m["neurons_per_inference"]}
 
 
@@ -251,7 +277,7 @@ def pick_recipes(root: Path, search: list[tuple[str, TrainConfig]]) -> dict:
     runs: each family's recipe is the one with the best validation accuracy (first on ties)."""
     out: dict = {}
     for name, cfg in search:
-        family = next(f for f, opts in FRONTIER_FAMILIES.items() if opts["model"] == cfg.model)
+        family = cfg.ffn
         recipe = name.rsplit("_", 2)[-2]
         entry = out.setdefault(cfg.data, {}).setdefault(family, {"val": {}})
         entry["val"][recipe] = _selected(root, name)["val"]
@@ -264,15 +290,18 @@ def pick_recipes(root: Path, search: list[tuple[str, TrainConfig]]) -> dict:
 def kept_variants(root: Path, grid: list[tuple[str, TrainConfig]], tried: list[tuple[str, TrainConfig]]) -> list[dict]:
     """Judge every tried variant (first-seed run) against the plain trees of its data: it is kept if its
     validation accuracy beats every plain FFF / NeuronTree first-seed run with no more neurons per
-    inference (it moves the trees' validation front). Returns one record per variant."""
+    inference (it moves the trees' validation front). Trees: the families sized by depth
+    (``report.tree_family``). Returns one record per variant."""
+    from .report import tree_family
+
     first = {}
     for name, cfg in grid:
         first.setdefault(name.rsplit("_s", 1)[0], (name, cfg))
     plain = [(cfg.data, _selected(root, name)) for name, cfg in first.values()
-             if cfg.model in ("fff", "neuron-tree") and (root / name / "metrics.json").exists()]
+             if tree_family(cfg.ffn) and finished(root / name)]
     records = []
     for name, cfg in tried:
-        if not (root / name / "metrics.json").exists():
+        if not finished(root / name):
             continue
         got = _selected(root, name)
         front = max((p["val"] for data, p in plain if data == cfg.data and p["neurons"] <= got["neurons"]), default=0.0)
@@ -303,24 +332,32 @@ def frontier_latency(models: dict[str, torch.nn.Module], x: torch.Tensor, repeat
 
 
 def _train(root: Path, todo: list[tuple[str, TrainConfig]], args) -> None:
-    """Train every run of ``todo`` whose metrics.json does not exist yet (each split loaded once)."""
+    """Train every run of ``todo`` that has not finished (each split loaded once): an interrupted
+    run continues from its checkpoint, one without a checkpoint starts again. A ViT run also
+    gets its ``timing.json``."""
     from ..data import load_dataset
-    from ..training.trainer import fit, save_run
+    from ..training.trainer import fit, load_run
 
     todo = sorted(todo, key=lambda item: (item[1].data, item[1].seed, item[1].limit or 0))
     cache: dict = {}
-    for i, (name, cfg) in enumerate(todo, 1):
-        out = root / name
-        if (out / "metrics.json").exists():
-            continue
+
+    def data_of(cfg: TrainConfig) -> Dataset:
         key = (cfg.data, cfg.seed, cfg.limit)
         if key not in cache:
             cache.clear()
             cache[key] = load_dataset(cfg.data, seed=cfg.seed, val_fraction=cfg.val_fraction, limit=cfg.limit)
-        model, result = fit(cfg, cache[key], progress=not args.quiet)
-        save_run(out, model, result)
+        return cache[key]
+
+    for i, (name, cfg) in enumerate(todo, 1):
+        out = root / name
+        if finished(out):
+            if cfg.arch == "vit" and not (out / "timing.json").exists():
+                save_ffn_timing(out, load_run(out)[0], data_of(cfg))
+            continue
+        mode = "resume" if (out / "checkpoint.pt").exists() else "overwrite"
+        model, result = fit(cfg, data_of(cfg), out, mode, progress=not args.quiet)
         if cfg.arch == "vit":
-            save_ffn_timing(out, model, cache[key])
+            save_ffn_timing(out, model, data_of(cfg))
         print(f"[{i}/{len(todo)}] {name}: GA {result.test['acc']:.2f}  MA {result.train_acc:.2f}  "
               f"({result.training_seconds:.0f}s)", flush=True)
 
@@ -354,7 +391,7 @@ def run_frontier(root: Path, args) -> dict:
             "first_seed": args.first_seed, "latency": {}}
     for data in _frontier_datasets(args):
         names = [p for p in meta["grid"] if p.startswith(f"frontier_{_data_tag(data)}_")
-                 and (root / f"{p}_s{args.first_seed}" / "metrics.json").exists()]
+                 and finished(root / f"{p}_s{args.first_seed}")]
         models = {p: load_run(root / f"{p}_s{args.first_seed}")[0] for p in names}
         x = load_dataset(data, seed=args.first_seed).val.x[:args.latency_batch]
         meta["latency"][data] = frontier_latency(models, x, args.latency_repeats)

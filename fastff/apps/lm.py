@@ -14,6 +14,7 @@ fastff's kernels, and timed against dense float32 and int8 models.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -22,15 +23,19 @@ import time
 import torch
 from torch import nn
 
-from ..data.text import load_shakespeare, load_text, split_text
-from ..layers import FFF, FFN_KINDS, MoE, NeuronTree
-from ..models.gpt import GPT, GPTConfig
+from ..data.text import CORPORA, load_corpus, split_text
+from ..layers.families import FAMILIES, family
+from ..models.gpt import GPT, GPTConfig, NoFFN
 from ..models.quantize import quantize_int8
-from ..threads import set_threads
-from ..training.lm import LMTrainConfig, fit, load_run, save_run
+from ..training.lm import LMTrainConfig, fit, load_run
+from ..training.run import read_json, run_mode
+from .arguments import add_ffn_options, add_run_dir, add_threads, apply_threads, ffn_options
 from .timing import median_times
 
-BENCH_FFNS = ("dense", "dense-int8", "neuron-tree", "neuron-tree-int8", "fff", "moe", "no-ffn")
+BENCH_FFNS = (*FAMILIES, *(f"{name}-int8" for name in FAMILIES), "no-ffn")
+DEFAULT_BENCH_FFNS = ("dense", "dense-int8", "neuron-tree", "neuron-tree-int8", "fff", "moe", "no-ffn")
+# the LM commands' defaults for options a family has (the rest are the family's own)
+LM_DEFAULTS = {"activation": "gelu", "train_mode": "hard_path"}
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -43,48 +48,23 @@ def add_model_arguments(p: argparse.ArgumentParser, layers: int, dim: int, heads
     p.add_argument("--context", type=int, default=context, help="block size (tokens)")
     p.add_argument("--width", type=int, default=None,
                    help="feedforward training width (default 4*dim; neuron-tree: from --depth/--trees)")
-    p.add_argument("--leaf", type=int, default=None,
-                   help="FFF leaf width (default: the smallest >= 8 that leaves a power-of-two number of leaves) / "
-                        "MoE expert width (default: width/16, 16 experts)")
-    p.add_argument("--trees", type=int, default=1, help="neuron-tree: parallel trees K")
-    p.add_argument("--depth", type=int, default=None, help="neuron-tree depth D (trees KxD); default from --width")
-    p.add_argument("--top-k", type=int, default=1, help="MoE experts per token")
-    p.add_argument("--train-mode", choices=("soft", "hard_path"), default="hard_path",
-                   help="FFF training forward (hard_path: one leaf per token, the function eval computes)")
-    p.add_argument("--master-leaf", choices=("none", "scalar", "token"), default="none", help="FFF master leaf")
-    p.add_argument("--activation", default="gelu")
+    add_ffn_options(p)
 
 
-def default_leaf(ffn: str, width: int) -> int:
-    """FFF: the smallest leaf width >= 8 with ``width / leaf`` a power of two (e.g. 3072 -> 12,
-    1024 -> 8); MoE: ``width / 16`` (16 experts)."""
-    if ffn == "moe":
-        return max(1, width // 16)
-    for leaf in range(8, width + 1):
-        ratio = width // leaf
-        if width % leaf == 0 and ratio & (ratio - 1) == 0:
-            return leaf
-    return width
-
-
-def ffn_fields(args, ffn: str) -> dict:
-    """GPTConfig fields of the feedforward ``ffn`` from the parsed arguments."""
+def ffn_fields(args, ffn: str, strict: bool = True) -> dict:
+    """GPTConfig fields of the feedforward family ``ffn`` from the parsed arguments (``strict``:
+    an option ``ffn`` does not take is an error)."""
     width = args.width or 4 * args.dim
-    leaf = args.leaf or default_leaf(ffn, width)
-    fields = dict(ffn=ffn, ffn_width=width, leaf=leaf, trees=args.trees, top_k=args.top_k, activation=args.activation)
-    if ffn == "neuron-tree" and args.depth is not None:
-        fields.update(depth=args.depth, ffn_width=args.trees * ((2 << args.depth) - 1))
-    if ffn == "fff":
-        fields["ffn_options"] = {"train_mode": args.train_mode,
-                                 **({} if args.master_leaf == "none" else {"master_leaf": args.master_leaf})}
-    return fields
+    fam = family(ffn)
+    return dict(ffn=fam.name, ffn_width=width,
+                ffn_options=fam.resolve(width, ffn_options(args, ffn, strict), defaults=LM_DEFAULTS))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="lm_command", required=True, metavar="{train,generate,bench,experiment}")
+    sub = p.add_subparsers(dest="lm_command", required=True, metavar="{train,generate,inspect,bench,experiment}")
 
     t = sub.add_parser("train", help="train one GPT; selection on validation, test once")
-    t.add_argument("--ffn", choices=FFN_KINDS, default="dense")
+    t.add_argument("--ffn", choices=sorted(FAMILIES), default="dense", help="feedforward family")
     add_model_arguments(t, layers=4, dim=256, heads=4, context=128)
     t.add_argument("--dropout", type=float, default=0.0)
     d = LMTrainConfig()
@@ -98,13 +78,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--warmup", type=int, default=d.warmup)
     t.add_argument("--weight-decay", type=float, default=d.weight_decay)
     t.add_argument("--hardening", type=float, default=d.hardening, help="FFF hardening-loss weight")
-    t.add_argument("--balance", type=float, default=d.balance, help="FFF / MoE load-balancing alpha")
+    t.add_argument("--balance", type=float, default=d.balance, help="FFF / MoE load-balancing alpha; NeuronTree node-balance alpha")
     t.add_argument("--eval-every", type=int, default=d.eval_every)
     t.add_argument("--eval-batches", type=int, default=d.eval_batches)
+    t.add_argument("--capacity-tokens", type=int, default=d.capacity_tokens,
+                   help="validation tokens the capacity diagnostics (see `lm inspect`) count per evaluation; 0 = off")
+    t.add_argument("--checkpoint-every", type=int, default=1, help="evaluations between resumable checkpoints")
     t.add_argument("--seed", type=int, default=d.seed)
-    t.add_argument("--text", default=None, help="UTF-8 file or directory of .txt files (default: Shakespeare)")
-    t.add_argument("--threads", type=int, default=None, help="torch and numba threads")
-    t.add_argument("--out", required=True, help="run directory to write")
+    t.add_argument("--text", default=None,
+                   help=f"corpus: {' or '.join(CORPORA)} (default shakespeare), or a UTF-8 file / directory of .txt files")
+    add_threads(t)
+    add_run_dir(t)
     t.add_argument("--json", action="store_true", help="print the run's summary as JSON")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -113,25 +97,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prompt", required=True)
     g.add_argument("--tokens", type=int, default=200, help="characters to generate")
     g.add_argument("--temperature", type=float, default=0.8)
-    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-k", type=int, default=None, dest="sample_top_k", help="sample from the k most likely")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--sliding", action="store_true",
                    help="allow prompt + tokens beyond the context: re-prefill the last context/2 tokens when full")
-    g.add_argument("--threads", type=int, default=None)
+    add_threads(g)
     g.add_argument("--json", action="store_true")
+
+    i = sub.add_parser("inspect", help="capacity diagnostics of a run: units reached per level, dead units, "
+                                       "routing balance, over training")
+    i.add_argument("run", help="run directory written by `fastff lm train`")
+    i.add_argument("--step", type=int, default=None, help="the evaluation to show (default: the selected one)")
+    i.add_argument("--plot", metavar="PNG", help="plot dead units and deepest-level reach per layer vs step")
+    i.add_argument("--json", action="store_true", help="print the evaluation's diagnostics as JSON")
 
     b = sub.add_parser("bench", help="end-to-end inference (or --train step) timing vs dense and int8")
     add_model_arguments(b, layers=12, dim=768, heads=12, context=1024)
-    b.set_defaults(depth=11)                       # UltraFastBERT's 1x11: 4095 neurons, 12 per token
+    b.set_defaults(ffn_option_depth=11)            # UltraFastBERT's 1x11: 4095 neurons, 12 per token
     b.add_argument("--vocab", type=int, default=84, help="vocabulary size (84 = the Shakespeare characters)")
-    b.add_argument("--ffns", default=",".join(BENCH_FFNS), help=f"comma-separated subset of {','.join(BENCH_FFNS)}")
+    b.add_argument("--ffns", default=",".join(DEFAULT_BENCH_FFNS),
+                   help=f"comma-separated subset of {','.join(BENCH_FFNS)} (NAME-int8: int8 attention and head; "
+                        f"dense-int8: the dense feedforwards too)")
     b.add_argument("--batches", default="1,8", help="sequences per call")
     b.add_argument("--prompt-tokens", type=int, default=512, help="prefill length")
     b.add_argument("--new-tokens", type=int, default=16, help="tokens decoded per timed generation call")
     b.add_argument("--repeats", type=int, default=5)
     b.add_argument("--train", action="store_true",
                    help="time training steps (fwd + bwd + AdamW) at --batches sequences of --context tokens")
-    b.add_argument("--threads", type=int, default=2)
+    add_threads(b)
     b.add_argument("--json", action="store_true", help="JSON Lines, one object per row")
 
     e = sub.add_parser("experiment", help="the grid behind docs/lm.md")
@@ -140,14 +133,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    if getattr(args, "threads", None):
-        set_threads(args.threads)
+    apply_threads(args)
     if args.lm_command == "train":
         return run_train(args)
     if args.lm_command == "generate":
         return run_generate(args)
     if args.lm_command == "bench":
         return run_bench(args)
+    if args.lm_command == "inspect":
+        return run_inspect(args)
     from .lm_experiment import run as run_experiment
     return run_experiment(args)
 
@@ -155,7 +149,7 @@ def run(args) -> int:
 # ----------------------------------------------------------------------------- train / generate
 
 def run_train(args) -> int:
-    text = load_shakespeare() if args.text is None else load_text(args.text)
+    text = load_corpus(args.text)
     splits = split_text(text)
     model_cfg = GPTConfig(vocab_size=len(splits.vocab), context=args.context, layers=args.layers, heads=args.heads,
                           dim=args.dim, dropout=args.dropout, **ffn_fields(args, args.ffn))
@@ -164,18 +158,23 @@ def run_train(args) -> int:
                         optimizer=args.optimizer, local_batch_size=args.local_batch_size,
                         warmup=min(args.warmup, args.steps - 1), weight_decay=0.0 if local else args.weight_decay,
                         hardening=args.hardening, balance=args.balance, eval_every=args.eval_every,
-                        eval_batches=args.eval_batches, seed=args.seed)
-    model, result = fit(model_cfg, cfg, splits, progress=not args.quiet)
-    out = save_run(args.out, model, result)
-    summary = {"run": str(out), "ffn": args.ffn, "val_loss": result.val_loss, "test_loss": result.test_loss,
+                        eval_batches=args.eval_batches, capacity_tokens=args.capacity_tokens, seed=args.seed)
+    source = args.text or "shakespeare"
+    source = source if source in CORPORA else os.path.abspath(source)
+    corpus = f"{source} sha256:{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+    model, result = fit(model_cfg, cfg, splits, args.out, run_mode(args.resume, args.overwrite), text=corpus,
+                        progress=not args.quiet, checkpoint_every=args.checkpoint_every)
+    summary = {"run": str(args.out), "ffn": model_cfg.ffn, "val_loss": result.val_loss, "test_loss": result.test_loss,
                "best_step": result.best_step, "steps": cfg.steps, "train_seconds": result.train_seconds,
                "ms_per_step": result.ms_per_step, "tokens_per_s": result.tokens_per_s,
                "neurons_per_token": result.ffn_neurons_per_token // model_cfg.layers,
-               "training_width": result.ffn_training_width // model_cfg.layers}
+               "training_width": result.ffn_training_width // model_cfg.layers, "stopped": result.stopped}
     if args.json:
         print(json.dumps(summary))
     else:
-        print(f"{out}: val {result.val_loss:.4f} (step {result.best_step}/{cfg.steps})  test {result.test_loss:.4f}  "
+        if result.stopped:
+            print(f"warning: {result.stopped}; the run keeps the best model before it", file=sys.stderr)
+        print(f"{args.out}: val {result.val_loss:.4f} (step {result.best_step}/{cfg.steps})  test {result.test_loss:.4f}  "
               f"{result.ms_per_step:.0f} ms/step  {result.tokens_per_s:.0f} tokens/s  "
               f"FFN neurons/token {summary['neurons_per_token']} of {summary['training_width']}")
     return 0
@@ -186,10 +185,16 @@ def run_generate(args) -> int:
     if not args.prompt:
         raise ValueError("--prompt is empty; give at least one character to continue")
     idx = vocab.encode(args.prompt)[None]                               # (1, T0); unknown characters raise
-    model.generate(idx, 1, generator=torch.Generator().manual_seed(args.seed))   # warm-up: kernels load once
+    context, n = model.cfg.context, idx.shape[1]
+    if n > context:
+        raise ValueError(f"--prompt has {n} characters, more than the model's context of {context}; shorten it")
+    if n + args.tokens > context and not args.sliding:
+        raise ValueError(f"--prompt of {n} characters + --tokens {args.tokens} exceed the model's context of "
+                         f"{context}; generate fewer tokens or pass --sliding to slide the context window")
+    model.generate(idx, 1, generator=torch.Generator().manual_seed(args.seed), sliding=args.sliding)  # warm-up
     gen = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()
-    out = model.generate(idx, args.tokens, temperature=args.temperature, top_k=args.top_k, generator=gen,
+    out = model.generate(idx, args.tokens, temperature=args.temperature, top_k=args.sample_top_k, generator=gen,
                          sliding=args.sliding)
     seconds = time.perf_counter() - start
     text = vocab.decode(out[0])
@@ -203,20 +208,56 @@ def run_generate(args) -> int:
     return 0
 
 
+def run_inspect(args) -> int:
+    load_run(args.run)                                       # a complete, consistent run directory
+    history = read_json(os.path.join(args.run, "metrics.json"))["history"]
+    with_capacity = [r for r in history if r.get("capacity")]
+    if not with_capacity:
+        raise ValueError(f"{args.run} has no capacity diagnostics: its feedforwards do not route, or it was trained "
+                         f"with --capacity-tokens 0 (or before fastff recorded them)")
+    metrics = read_json(os.path.join(args.run, "metrics.json"))
+    step = metrics.get("best_step") if args.step is None else args.step
+    record = next((r for r in with_capacity if r["step"] == step), None)
+    if record is None:
+        raise ValueError(f"--step {step}: {args.run} has diagnostics at steps {[r['step'] for r in with_capacity]}")
+    if args.json:
+        print(json.dumps({"step": step, "capacity": record["capacity"]}))
+    else:
+        print(f"# {args.run}, step {step}: per layer, units reached per level (root first) on "
+              f"{record['capacity'][0]['rows']} validation tokens")
+        print(f"{'layer':>5} {'family':12} {'deepest':>8} {'dead':>6} {'root right':>10}  reached per level")
+        for c in record["capacity"]:
+            right = "-" if c.get("root_right") is None else f"{c['root_right']:.2f}"
+            levels = " ".join(f"{lv['reached']:.2f}" for lv in c["levels"])
+            print(f"{c['layer']:>5} {c['family']:12} {c['deepest_reached']:>8.2f} {c['dead']:>6.2f} {right:>10}  {levels}")
+    if args.plot:
+        plot_capacity(with_capacity, args.plot, title=os.path.basename(os.path.normpath(args.run)))
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+def plot_capacity(history: list[dict], path: str, title: str) -> None:
+    """Dead-unit fraction (the auto-pruning curve) and deepest-level reach vs step, one line per layer."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    steps = [r["step"] for r in history]
+    for layer in range(len(history[-1]["capacity"])):
+        for ax, key in zip(axes, ("dead", "deepest_reached")):
+            ax.plot(steps, [r["capacity"][layer][key] for r in history], marker=".", label=f"layer {layer}")
+    axes[0].set(xlabel="step", ylabel="dead units (fraction)", title=f"{title}: units never reached", ylim=(0, 1))
+    axes[1].set(xlabel="step", ylabel="deepest level reached (fraction)", title="deepest level reached", ylim=(0, 1))
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 # ----------------------------------------------------------------------------- bench
-
-class NoFFN(nn.Module):
-    """A feedforward that adds nothing: the model's time outside its feedforwards (Amdahl ceiling)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(x)
-
-
-def int8(model: nn.Module) -> nn.Module:
-    """A copy with every ``nn.Linear`` (attention, head, the dense feedforwards' ``DenseFF``)
-    dynamically quantized to int8: what a CPU user picks today. Tree layers stay float32."""
-    return quantize_int8(model, keep=(FFF, NeuronTree, MoE))
-
 
 def bench_models(args, names: list[str]) -> dict[str, nn.Module]:
     """The untrained models of ``fastff lm bench``, eval mode, one per variant name."""
@@ -225,11 +266,12 @@ def bench_models(args, names: list[str]) -> dict[str, nn.Module]:
     for name in names:
         kind = name.removesuffix("-int8")
         torch.manual_seed(0)
-        model = GPT(GPTConfig(**base, **ffn_fields(args, "dense" if kind == "no-ffn" else kind))).eval()
+        model = GPT(GPTConfig(**base, **ffn_fields(args, "dense" if kind == "no-ffn" else kind, strict=False))).eval()
         if kind == "no-ffn":
             for block in model.blocks:
                 block.ffn = NoFFN()
-        built[name] = int8(model) if name.endswith("-int8") else model
+        # int8: attention, head and every feedforward int8 quantization may convert (the dense ones)
+        built[name] = quantize_int8(model, feedforwards=True) if name.endswith("-int8") else model
     return built
 
 

@@ -21,17 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 from pathlib import Path
 
-import torch
-
 from ..data.text import load_shakespeare, load_text, split_text
-from ..models.gpt import GPT, GPTConfig
-from ..training.lm import LMTrainConfig, fit, save_run
-from .lm import NoFFN
-from .timing import median_times
+from .arguments import add_threads
+from .lm_grid import Grid, load_runs
 
 # name -> (family, GPTConfig feedforward fields, LMTrainConfig overrides)
 VARIANTS = {
@@ -40,15 +35,17 @@ VARIANTS = {
     # dense FFNs as wide as the 4x8 / 16x5 trees' neurons per token (36, 96), with dense-small's lr
     "dense-36": ("dense-small", dict(ffn="dense", ffn_width=36), {}),
     "dense-96": ("dense-small", dict(ffn="dense", ffn_width=96), {}),
-    "neuron-tree-1x11": ("neuron-tree", dict(ffn="neuron-tree", depth=11, ffn_width=4095), {}),
-    "neuron-tree-1x10": ("neuron-tree", dict(ffn="neuron-tree", depth=10, ffn_width=2047), {}),
-    "neuron-tree-4x8": ("neuron-tree", dict(ffn="neuron-tree", trees=4, depth=8, ffn_width=2044), {}),
-    "fff": ("fff", dict(ffn="fff", ffn_width=1024, leaf=8, ffn_options={"train_mode": "hard_path"}),
+    "neuron-tree-1x11": ("neuron-tree", dict(ffn="neuron-tree", ffn_width=4095, ffn_options=dict(depth=11)), {}),
+    "neuron-tree-1x10": ("neuron-tree", dict(ffn="neuron-tree", ffn_width=2047, ffn_options=dict(depth=10)), {}),
+    "neuron-tree-4x8": ("neuron-tree", dict(ffn="neuron-tree", ffn_width=2044, ffn_options=dict(trees=4, depth=8)),
+                        {}),
+    "fff": ("fff", dict(ffn="fff", ffn_width=1024, ffn_options=dict(leaf=8, train_mode="hard_path")),
             dict(balance=0.01)),
-    "moe": ("moe", dict(ffn="moe", ffn_width=1024, leaf=64, top_k=1), dict(balance=0.01)),
+    "moe": ("moe", dict(ffn="moe", ffn_width=1024, ffn_options=dict(leaf=64, top_k=1)), dict(balance=0.01)),
 }
 MAIN = ("dense", "dense-small", "neuron-tree-1x11")
 STAGES = ("tune", "steptime", "steps", "time", "ablation", "report")
+SHORT_LRS = "1e-3,2e-3,4e-3"   # learning rates the short regime searches per family
 TUNE_FAMILIES = {"dense": "dense", "dense-small": "dense-small", "neuron-tree": "neuron-tree-1x11",
                  "fff": "fff", "moe": "moe"}
 # neuron-tree 1x11 variations: name -> (feedforward fields, training overrides)
@@ -57,31 +54,43 @@ ABLATIONS = {
     "ffn-lr-x4": ({}, dict(ffn_lr_mult=4.0)),      # each tree neuron sees few tokens: larger steps inside the tree
     "local-adam": ({}, dict(optimizer="local-adam", weight_decay=0.0)),
     "long-warmup": ({}, dict(warmup=300)),
-    "2x10": (dict(trees=2, depth=10, ffn_width=4094), {}),
-    "16x5": (dict(trees=16, depth=5, ffn_width=1008), {}),
+    "2x10": (dict(ffn_width=4094, ffn_options=dict(trees=2, depth=10)), {}),
+    "16x5": (dict(ffn_width=1008, ffn_options=dict(trees=16, depth=5)), {}),
 }
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--regime", choices=("short", "long"), default="short",
+                   help="short: this module's 600-step grid (docs/lm.md); long: 10M tokens per run at dim 128, "
+                        "where conditional capacity can pay (fastff.apps.lm_capacity, docs/lm_long.md)")
+    from .lm_capacity import add_arguments as add_long_arguments
+    add_long_arguments(p)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--context", type=int, default=128)
     p.add_argument("--text", default=None, help="UTF-8 file or directory (default: Shakespeare's complete works)")
-    p.add_argument("--steps", type=int, default=600, help="training steps of the equal-steps runs")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps of the equal-steps runs (default 600; --regime long: 5000)")
     p.add_argument("--seeds", type=int, default=3, help="seeds of the main rows")
-    p.add_argument("--tune-steps", type=int, default=400, help="steps of the learning-rate search runs")
-    p.add_argument("--lrs", default="1e-3,2e-3,4e-3", help="learning rates searched per family")
+    p.add_argument("--tune-steps", type=int, default=None,
+                   help="steps of the learning-rate search runs (default 400; --regime long: 1000)")
+    p.add_argument("--lrs", default=None,
+                   help="comma-separated learning rates searched per family (default 1e-3,2e-3,4e-3; "
+                        "--regime long: 1e-3,2e-3,4e-3,8e-3)")
     p.add_argument("--batch", type=int, default=16, help="sequences per step")
-    p.add_argument("--stages", default=",".join(STAGES[:-1]),
-                   help=f"comma-separated stages to run, of {','.join(STAGES)} ('report' alone: only the report; "
-                        "the report always covers every finished run)")
+    p.add_argument("--stages", default=None,
+                   help=f"comma-separated stages to run, of {','.join(STAGES)} (default: all but report; 'report' alone: "
+                        "only the report; the report always covers every finished run); --regime long: "
+                        "tune,main,ablation,report (default: all)")
     p.add_argument("--only", default=None, help="comma-separated variant names: run only these")
     p.add_argument("--ablations", default=None,
                    help=f"comma-separated subset of the ablation stage's runs (default: all of {','.join(ABLATIONS)})")
-    p.add_argument("--runs", default="runs/lm", help="parent directory of the run directories")
+    p.add_argument("--runs", default=None,
+                   help="parent directory of the run directories (default runs/lm; --regime long: docs/results/lm_long_runs, "
+                        "whose weights and checkpoints are git-ignored)")
     p.add_argument("--results", default="docs/results", help="where lm.md, lm.json and the plots go")
-    p.add_argument("--threads", type=int, default=2)
+    add_threads(p)
     p.add_argument("--quiet", action="store_true")
 
 
@@ -99,70 +108,11 @@ def _variant(name: str) -> tuple[str, dict, dict]:
     return VARIANTS[name]
 
 
-class Grid:
-    """Runs one stage after another in ``root``, skipping finished runs."""
-
-    def __init__(self, args, splits):
-        self.args, self.splits, self.root = args, splits, Path(args.runs)
-        self.root.mkdir(parents=True, exist_ok=True)
-
-    def model_cfg(self, fields: dict) -> GPTConfig:
-        return GPTConfig(vocab_size=len(self.splits.vocab), **_shape(self.args), **fields)
-
-    def train(self, run_name: str, variant: str, steps: int, seed: int, lr: float) -> dict:
-        """Train (or read back) one run; returns its metrics."""
-        out = self.root / run_name
-        if (out / "metrics.json").exists():
-            return json.loads((out / "metrics.json").read_text())
-        family, fields, overrides = _variant(variant)
-        options = dict(lr=lr, warmup=min(100, steps // 10), eval_every=max(1, steps // 10)) | overrides
-        cfg = LMTrainConfig(steps=steps, batch_size=self.args.batch, seed=seed, **options)
-        model, result = fit(self.model_cfg(fields), cfg, self.splits, progress=not self.args.quiet)
-        save_run(out, model, result)
-        (out / "variant.json").write_text(json.dumps({"variant": variant, "family": family, "stage": run_name.split("_")[0]}))
-        print(f"{run_name}: val {result.val_loss:.4f} test {result.test_loss:.4f} ({result.train_seconds:.0f} s, "
-              f"{result.ms_per_step:.0f} ms/step)", flush=True)
-        return json.loads((out / "metrics.json").read_text())
-
-    def tuned_lr(self, family: str) -> float:
-        """The searched lr with the lowest validation loss for ``family`` (tune stage runs)."""
-        best = min((self.train(f"tune_{TUNE_FAMILIES[family]}_lr{lr:g}_s0", TUNE_FAMILIES[family],
-                               self.args.tune_steps, 0, lr)["val_loss"], lr) for lr in _floats(self.args.lrs))
-        return best[1]
-
-    def step_times(self, names: list[str]) -> dict[str, float]:
-        """Median training-step seconds of the variants ``names`` and of the model without feedforwards,
-        interleaved in one process (cached in steptime.json, which must then hold every name)."""
-        path = self.root / "steptime.json"
-        if path.exists():
-            seconds = json.loads(path.read_text())["seconds"]
-            missing = sorted(set(names) - set(seconds))
-            if missing:
-                raise ValueError(f"{path} has no step time for {', '.join(missing)}: delete it to measure every "
-                                 "variant again (stage 'steptime')")
-            return seconds
-        models, opts = {}, {}
-        for name in [*names, "no-ffn"]:
-            torch.manual_seed(0)
-            model = GPT(self.model_cfg(_variant("dense" if name == "no-ffn" else name)[1])).train()
-            if name == "no-ffn":
-                for block in model.blocks:
-                    block.ffn = NoFFN()
-            models[name] = model
-            opts[name] = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-        x = torch.randint(len(self.splits.vocab), (self.args.batch, self.args.context),
-                          generator=torch.Generator().manual_seed(0))
-
-        def step(name):
-            _, loss = models[name](x, x)
-            opts[name].zero_grad(set_to_none=True)
-            loss.backward()
-            opts[name].step()
-
-        seconds = median_times({n: (lambda n=n: step(n)) for n in models}, 7, warmup=2)
-        path.write_text(json.dumps({"seconds": seconds, "threads": torch.get_num_threads(),
-                                    "load_average": os.getloadavg()[0], "batch": self.args.batch}, indent=1))
-        return seconds
+def tuned_lr(grid: Grid, family: str) -> float:
+    """The searched lr with the lowest validation loss for ``family`` (tune stage runs)."""
+    best = min((grid.train(f"tune_{TUNE_FAMILIES[family]}_lr{lr:g}_s0", TUNE_FAMILIES[family],
+                           grid.args.tune_steps, 0, lr)["val_loss"], lr) for lr in _floats(grid.args.lrs or SHORT_LRS))
+    return best[1]
 
 
 def _floats(text: str) -> list[float]:
@@ -170,12 +120,17 @@ def _floats(text: str) -> list[float]:
 
 
 def run(args) -> int:
+    if args.regime == "long":
+        from .lm_capacity import run as run_long
+        return run_long(args)
+    args.stages = args.stages or ",".join(STAGES[:-1])
+    args.steps, args.tune_steps, args.runs = args.steps or 600, args.tune_steps or 400, args.runs or "runs/lm"
     ablations = args.ablations.split(",") if args.ablations else list(ABLATIONS)
     unknown = sorted(set(ablations) - set(ABLATIONS))
     if unknown:
         raise ValueError(f"--ablations: unknown {', '.join(unknown)}; choose from {', '.join(ABLATIONS)}")
     splits = split_text(load_shakespeare() if args.text is None else load_text(args.text))
-    grid = Grid(args, splits)
+    grid = Grid(args, splits, _variant)
     stages = set(args.stages.split(","))
     if not stages <= set(STAGES):
         raise ValueError(f"--stages: unknown {', '.join(sorted(stages - set(STAGES)))}; choose from {', '.join(STAGES)}")
@@ -185,7 +140,7 @@ def run(args) -> int:
     def lr_of(variant: str) -> float:
         family = _variant(variant)[0]
         if family not in lrs:
-            lrs[family] = grid.tuned_lr(family) if "tune" in stages else _read_tuned(grid.root, family)
+            lrs[family] = tuned_lr(grid, family) if "tune" in stages else _read_tuned(grid.root, family)
         return lrs[family]
 
     if stages & {"tune", "steps", "time", "ablation"}:
@@ -220,19 +175,6 @@ def _read_tuned(root: Path, family: str) -> float:
 
 
 # ----------------------------------------------------------------------------- report
-
-def load_runs(root: Path) -> list[dict]:
-    """Every finished run under ``root``: variant, stage, seed, config and metrics."""
-    runs = []
-    for d in sorted(root.iterdir()):
-        if not (d / "metrics.json").exists():
-            continue
-        info = json.loads((d / "variant.json").read_text())
-        runs.append({"name": d.name, "seed": int(d.name.rsplit("_s", 1)[1]), **info,
-                     "config": json.loads((d / "config.json").read_text()),
-                     "metrics": json.loads((d / "metrics.json").read_text())})
-    return runs
-
 
 def run_records(runs: list[dict]) -> list[dict]:
     """One flat object per run (the rows of lm.json)."""

@@ -4,6 +4,12 @@ accuracy vs inference neurons, leaf-usage histograms, node entropy over epochs. 
 `fastff experiment frontier` directory (holding ``frontier.json``) gets the frontier report
 instead: accuracy against neurons and measured latency, each family's Pareto front, the target.
 
+Run directories are read through the classifier trainer (``trainer.load_config``), so runs of
+the earlier flat config format are converted when read; unfinished runs are left out. A run's
+configuration is shown flat: the feedforward family ``ffn``, its ``width`` and options, then
+the training and data fields; an option the run's family does not take, or a loss weight its
+family does not record (``Family.aux_losses``), shows as "-".
+
 Runs are grouped by their config without the seed. MA (memorisation accuracy) is the eval-mode
 accuracy on the whole training split of the checkpoint selected on validation; GA
 (generalisation accuracy) is that checkpoint's test accuracy (the test split is evaluated once
@@ -15,13 +21,23 @@ import argparse
 import json
 import math
 import re
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
+from ..functional import fff_depth
+from ..layers.families import FAMILIES, family
+from ..training.run import read_json
+
 # config fields that do not define a configuration (derived from the data, or the seed)
 _NOT_KEY = {"seed", "n_features", "n_classes", "image_shape", "mean", "std"}
-_ALWAYS = ("data", "model", "width", "leaf")
+_ALWAYS = ("data", "ffn", "width", "leaf")
+# training fields that weight an auxiliary loss: they mean something only for the families whose
+# layers record that loss (``Family.aux_losses``)
+_LOSS_OF = {"balance": "balance", "hardening": "hardening", "hardening_mode": "hardening",
+            "hardening_warmup": "hardening"}
+BASELINE = "dense"      # the family the others are measured against (FFN time ratio, the frontier's target)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,17 +55,44 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def flat_config(cfg) -> dict:
+    """A run's ``TrainConfig`` as one flat dict: data, ffn, width, the family's options, then the
+    other fields (an option named like a field is shown as ``ffn.<name>``)."""
+    values = asdict(cfg)
+    options = values.pop("ffn_options")
+    head = {k: values.pop(k) for k in ("data", "ffn", "width")}
+    return head | {(f"ffn.{k}" if k in values or k in head else k): v for k, v in options.items()} | values
+
+
+def read_metrics(path: Path) -> dict:
+    """metrics.json of a finished run, the per-evaluation records as ``history`` (runs of the
+    older format call them ``epochs``)."""
+    m = read_json(path)
+    if "history" not in m:
+        m = dict(m, history=m.get("epochs", []))
+    return m
+
+
 def load_runs(root: Path) -> list[dict]:
-    """Every run directory below ``root``: {"dir", "config", "metrics", "timing" (or None)}."""
+    """Every finished classifier run directory below ``root``: {"dir", "config" (``flat_config``),
+    "metrics" (``read_metrics``), "timing" (or None)}. Runs of other tasks and unfinished runs
+    are skipped."""
+    from ..training.trainer import load_config
+
     runs = []
     for metrics in sorted(Path(root).rglob("metrics.json")):
         d = metrics.parent
+        m = read_metrics(metrics)
+        if not m.get("finished", True) or not (d / "config.json").exists():
+            continue
+        raw = read_json(d / "config.json")
+        if raw.get("task", "classifier" if "data" in raw else None) != "classifier":      # e.g. a language model
+            continue
         timing = d / "timing.json"
-        runs.append({"dir": d, "config": json.loads((d / "config.json").read_text()),
-                     "metrics": json.loads(metrics.read_text()),
-                     "timing": json.loads(timing.read_text()) if timing.exists() else None})
+        runs.append({"dir": d, "config": flat_config(load_config(d)), "metrics": m,
+                     "timing": read_json(timing) if timing.exists() else None})
     if not runs:
-        raise FileNotFoundError(f"no run directories (with metrics.json) under {root}")
+        raise FileNotFoundError(f"no finished classifier run directories (with metrics.json) under {root}")
     return runs
 
 
@@ -88,8 +131,9 @@ def _label(cfg: dict, columns: list[str]) -> str:
 def summarise(groups: list[list[dict]]) -> tuple[list[str], list[dict]]:
     """(varying config columns, one summary row per group)."""
     cfgs = [g[0]["config"] for g in groups]
-    varying = [k for k in cfgs[0] if k not in _NOT_KEY and k not in _ALWAYS
-               and len({json.dumps(c.get(k)) for c in cfgs}) > 1]
+    names = dict.fromkeys(k for c in cfgs for k in c)
+    varying = [k for k in names if k not in _NOT_KEY and k not in _ALWAYS
+               and len({json.dumps(c[k]) for c in cfgs if _applies(c, k)}) > 1]
     columns = list(_ALWAYS) + varying
     rows = []
     for g in groups:
@@ -100,10 +144,10 @@ def summarise(groups: list[list[dict]]) -> tuple[list[str], list[dict]]:
                "run": re.sub(r"_s\d+$", "", g[0]["dir"].name),
                "MA": [x["selected"]["train_acc"] for x in m], "val": [x["selected"]["val_acc"] for x in m],
                "GA": [x["test"]["acc"] for x in m], "neurons": m[0]["neurons_per_inference"],
-               "epoch": [x["best_epoch"] for x in m], "epochs": [len(x["epochs"]) for x in m],
+               "epoch": [x["best_epoch"] for x in m], "epochs": [len(x["history"]) for x in m],
                "eval_ms": [1000 * x["test"]["eval_seconds"] for x in m],
                "used_leaves": [used_leaves(u) for u in usage], "usage": usage,
-               "entropy": [[(e["node_entropy"] or [None])[0] for e in x["epochs"]] for x in m]}
+               "entropy": [[(e["node_entropy"] or [None])[0] for e in x["history"]] for x in m]}
         timing = [r["timing"] for r in g if r["timing"]]
         if timing:
             row["ffn_us"] = [t["ffn_seconds_per_token"] * 1e6 for t in timing]
@@ -111,27 +155,27 @@ def summarise(groups: list[list[dict]]) -> tuple[list[str], list[dict]]:
     return columns, rows
 
 
-# options that only mean something for some models (shown as "-" elsewhere)
-_ONLY_FOR = {"leaf": ("fff", "moe"), "top_k": ("moe",), "trees": ("neuron-tree",), "balance": ("fff", "moe"),
-             **{k: ("fff",) for k in ("region_leak", "master_leaf", "train_mode", "hardening", "hardening_mode",
-                                     "hardening_warmup")}}
+def _applies(cfg: dict, c: str) -> bool:
+    """Whether column ``c`` means something for the run ``cfg`` (``flat_config``): an option its
+    family takes (only those are in it), or a loss weight its family records."""
+    if c not in cfg:
+        return False
+    return c not in _LOSS_OF or _LOSS_OF[c] in family(cfg["ffn"]).aux_losses
 
 
 def _cell(cfg: dict, c: str) -> str:
-    if cfg["model"] not in _ONLY_FOR.get(c, (cfg["model"],)):
-        return "-"
-    return str(cfg.get(c))
+    return str(cfg[c]) if _applies(cfg, c) else "-"
 
 
 def markdown(columns: list[str], rows: list[dict]) -> str:
     """The summary table, one section per dataset."""
     timing = any("ffn_us" in r for r in rows)
     head = ["run"] + columns + ["seeds", "MA %", "val %", "GA %", "neurons/inference", "used leaves",
-                      "best epoch / run", "test eval ms"] + (["FFN µs/token", "FFN time vs ff"] if timing else [])
+                      "best epoch / run", "test eval ms"] + (["FFN µs/token", f"FFN time vs {BASELINE}"] if timing else [])
     out = []
     for data in dict.fromkeys(r["config"]["data"] for r in rows):
         sub = [r for r in rows if r["config"]["data"] == data]
-        ref = next((np.mean(r["ffn_us"]) for r in sub if r["config"]["model"] == "ff" and "ffn_us" in r), None)
+        ref = next((np.mean(r["ffn_us"]) for r in sub if r["config"]["ffn"] == BASELINE and "ffn_us" in r), None)
         out += [f"\n### {data}\n", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in sub:
             cells = [r["run"]] + [_cell(r["config"], c) for c in columns]
@@ -229,27 +273,45 @@ def write_report(root: Path, out: Path, name: str, command: str) -> Path:
     return md
 
 
-FAMILIES = {"ff": "dense", "dense": "dense", "fff": "FFF", "neuron-tree": "NeuronTree", "moe": "MoE"}
-COLOURS = {"dense": "tab:blue", "FFF": "tab:red", "NeuronTree": "tab:green", "MoE": "tab:purple"}
-TREES = ("FFF", "NeuronTree")
 COSTS = {"neurons": "neurons per inference", "b1_1": "batch 1, 1 thread (µs)", "b1_2": "batch 1, 2 threads (µs)",
          "bN_1": "batch {N}, 1 thread (ms)", "bN_2": "batch {N}, 2 threads (ms)"}
 
 
+def tree_family(name: str) -> bool:
+    """Whether the family ``name`` is a tree: sized by its depth (``Family.sized``)."""
+    return family(name).sized is not None
+
+
+def _colour(name: str) -> str:
+    """The plot colour of a family: matplotlib's cycle in registry order."""
+    return f"C{list(FAMILIES).index(family(name).name) % 10}"
+
+
+def _options(c: dict) -> dict:
+    """The family options of a ``flat_config``."""
+    keys = {o.name: f"ffn.{o.name}" if f"ffn.{o.name}" in c else o.name for o in family(c["ffn"]).options}
+    return {name: c[key] for name, key in keys.items() if key in c}
+
+
 def _shape(row: dict) -> str:
-    """Readable config of a frontier row, e.g. ``FFF w=1024 l=8 (d7)``, ``NeuronTree 2x6``."""
-    c, family = row["config"], row["family"]
-    if family == "FFF":
-        shape = f"w={c['width']} l={c['leaf']} (d{(c['width'] // c['leaf']).bit_length() - 1})"
-    elif family == "NeuronTree":
-        shape = f"{c['trees']}x{row['neurons'] // c['trees'] - 1}"
-    elif family == "MoE":
-        shape = f"{c['width'] // c['leaf']}x{c['leaf']} top-{c['top_k']}"
+    """Readable config of a frontier row: the family's layer and its shape, e.g. ``FFF w=1024 l=8
+    (d7)``, ``NeuronTree 2x6`` (trees x depth), ``MoE 8x16 top-1``, ``DenseFF w=16``; depths from
+    the family's geometry."""
+    c = row["config"]
+    fam = family(c["ffn"])
+    options = _options(c)
+    if fam.name == "fff":
+        shape = f"w={c['width']} l={options['leaf']} (d{fff_depth(c['width'] // options['leaf'])})"
+    elif fam.name == "neuron-tree":
+        trees = options["trees"]
+        shape = f"{trees}x{fam.geometry(c['width'], options).neurons_per_token // trees - 1}"
+    elif fam.name == "moe":
+        shape = f"{c['width'] // options['leaf']}x{options['leaf']} top-{options['top_k']}"
     else:
         shape = f"w={c['width']}"
-    tokens = row["run"].partition(f"_{c['model']}_")[2].split("_")[:-1]       # shape tokens, variant; no recipe
-    variant = "_".join(t for t in tokens if not re.fullmatch(r"[wlt]\d+", t))
-    return f"{family} {shape}" + (f" + {variant}" if variant else "")
+    tokens = row["run"].partition(f"_{fam.name}_")[2].split("_")[:-1]       # shape tokens, variant; no recipe
+    variant = "_".join(t for t in tokens if not re.fullmatch(r"[a-z]\d+", t))
+    return f"{fam.layer.__name__} {shape}" + (f" + {variant}" if variant else "")
 
 
 def pareto(points: list[tuple[float, float]]) -> list[int]:
@@ -259,13 +321,14 @@ def pareto(points: list[tuple[float, float]]) -> list[int]:
 
 
 def frontier_rows(root: Path) -> tuple[dict, list[dict]]:
-    """(frontier.json, one summary row per grid configuration with "family", "shape", "recipe",
-    "cost" {neurons, b1_1, b1_2, bN_1, bN_2} and "front" {cost: on its family's validation front})."""
-    meta = json.loads((Path(root) / "frontier.json").read_text())
+    """(frontier.json, one summary row per grid configuration with "family" (its name in
+    ``FAMILIES``), "shape", "recipe", "cost" {neurons, b1_1, b1_2, bN_1, bN_2} and "front" {cost:
+    on its family's validation front})."""
+    meta = read_json(Path(root) / "frontier.json")
     runs = [r for r in load_runs(root) if re.sub(r"_s\d+$", "", r["dir"].name) in meta["grid"]]
     _, rows = summarise(group_runs(runs))
     for r in rows:
-        r["family"] = FAMILIES[r["config"]["model"]]
+        r["family"] = family(r["config"]["ffn"]).name
         r["shape"], r["recipe"] = _shape(r), r["run"].rsplit("_", 1)[1]
         lat = meta["latency"].get(r["config"]["data"], {})
         r["cost"] = {"neurons": r["neurons"]}
@@ -275,8 +338,8 @@ def frontier_rows(root: Path) -> tuple[dict, list[dict]]:
                     r["cost"][f"{key}_{t}"] = scale * times[r["run"]]
         r["front"] = {}
     for data in {r["config"]["data"] for r in rows}:
-        for family in COLOURS:
-            sub = [r for r in rows if r["config"]["data"] == data and r["family"] == family]
+        for name in FAMILIES:
+            sub = [r for r in rows if r["config"]["data"] == data and r["family"] == name]
             for cost in COSTS:
                 have = [r for r in sub if cost in r["cost"]]
                 for i in pareto([(r["cost"][cost], np.mean(r["val"])) for r in have]):
@@ -301,14 +364,15 @@ def best_cheaper(tree: dict, dense: list[dict], cost: str) -> tuple[list[dict], 
 
 
 def frontier_target(rows: list[dict], max_neurons: int = 16, margin: float = 1.0) -> dict | None:
-    """The best tree (by mean validation accuracy) with at most ``max_neurons`` neurons per inference
-    against the dense FFs no costlier than it (``TARGET_CHECKS``; the target is "either": it must
-    beat all of those). GA means; ``met`` = ``margin`` reached."""
-    trees = [r for r in rows if r["family"] in TREES and r["neurons"] <= max_neurons]
+    """The best tree (``tree_family``; by mean validation accuracy) with at most ``max_neurons``
+    neurons per inference against the dense FFs (``BASELINE``) no costlier than it
+    (``TARGET_CHECKS``; the target is "either": it must beat all of those). GA means; ``met`` =
+    ``margin`` reached."""
+    trees = [r for r in rows if tree_family(r["family"]) and r["neurons"] <= max_neurons]
     if not trees:
         return None
     best = max(trees, key=lambda r: np.mean(r["val"]))
-    dense = [r for r in rows if r["family"] == "dense"]
+    dense = [r for r in rows if r["family"] == BASELINE]
     out = {"tree": best, "margin": margin}
     for k in TARGET_CHECKS:
         rivals, top, gap = best_cheaper(best, dense, k)
@@ -323,8 +387,9 @@ def _frontier_plot(rows: list[dict], path: Path, title: str, batch: int) -> None
 
     fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
     for ax, (cost, label) in zip(axes.flat, COSTS.items()):
-        for family, colour in COLOURS.items():
-            sub = sorted((r for r in rows if r["family"] == family and cost in r["cost"]), key=lambda r: r["cost"][cost])
+        for name in FAMILIES:
+            colour = _colour(name)
+            sub = sorted((r for r in rows if r["family"] == name and cost in r["cost"]), key=lambda r: r["cost"][cost])
             if not sub:
                 continue
             ax.errorbar([r["cost"][cost] for r in sub], [np.mean(r["GA"]) for r in sub],
@@ -332,7 +397,7 @@ def _frontier_plot(rows: list[dict], path: Path, title: str, batch: int) -> None
                         color=colour)
             front = [r for r in sub if r["front"].get(cost)]
             ax.plot([r["cost"][cost] for r in front], [np.mean(r["GA"]) for r in front], "-o", ms=5,
-                    drawstyle="steps-post", color=colour, label=family)
+                    drawstyle="steps-post", color=colour, label=name)
         ax.set_xscale("log")
         ax.set_xlabel(label.format(N=batch))
         ax.set_ylabel("test accuracy GA (%)")
@@ -362,7 +427,7 @@ def write_frontier_report(root: Path, out: Path, name: str, command: str) -> Pat
             "neurons / b1 / bN latency (1 thread).\n"]
     for data in dict.fromkeys(r["config"]["data"] for r in rows):
         sub = sorted((r for r in rows if r["config"]["data"] == data),
-                     key=lambda r: (list(COLOURS).index(r["family"]), r["neurons"]))
+                     key=lambda r: (list(FAMILIES).index(r["family"]), r["neurons"]))
         lat = meta["latency"].get(data, {})
         batch = lat.get("batch", 0)
         recipes = meta["recipes"].get(data, {})
@@ -392,13 +457,13 @@ def write_frontier_report(root: Path, out: Path, name: str, command: str) -> Pat
             text.append("| " + " | ".join([r["family"], r["shape"], r["recipe"], str(r["n"]), str(r["neurons"]),
                                             _ms(r["val"]), _ms(r["GA"]), _ms(r["MA"]), _ms(r["used_leaves"]),
                                             *cost, front]) + " |")
-        dense = [r for r in sub if r["family"] == "dense"]
+        dense = [r for r in sub if r["family"] == BASELINE]
         gaps = [k for k in COSTS if any(k in r["cost"] for r in dense)]
         text += ["", "Each tree against the most accurate dense FF no costlier than it in one measure (GA gap, "
                  "tree − that FF; positive = the tree wins):", "",
                  "| tree | neurons | GA % | " + " | ".join(f"vs dense ≤ {COSTS[k].format(N=batch)}" for k in gaps) + " |",
                  "|" + "---|" * (3 + len(gaps))]
-        trees = [r for r in sub if r["family"] in TREES]
+        trees = [r for r in sub if tree_family(r["family"])]
         wins = {k: [best_cheaper(r, dense, k)[2] for r in trees] for k in gaps}
         for i, r in enumerate(trees):
             cells = []

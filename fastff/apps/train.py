@@ -3,39 +3,34 @@ from __future__ import annotations
 
 import argparse
 
-from ..layers.fff import TRAIN_MODES
-from ..threads import set_threads
+from ..layers.families import FAMILIES
 from ..training.routing_init import ROUTING_INITS
-from ..training.trainer import ARCHS, MASTER_LEAF, MODELS, OPTIMIZERS, SCHEDULES, SELECT, TrainConfig
+from ..training.run import SCHEDULES, run_mode
+from ..training.trainer import ARCHS, OPTIMIZERS, SELECT, TrainConfig
+from .arguments import add_ffn_options, add_run_dir, add_threads, apply_threads, ffn_options
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = TrainConfig(data="")
     p.add_argument("--data", required=True,
                    help="fashion-mnist | mnist5k | digits | path to an IDX directory, .npz or .csv file")
-    p.add_argument("--model", choices=MODELS, default=d.model,
-                   help="the layer: dense | fff | neuron-tree | moe ('ff' = dense, the name of earlier runs)")
+    p.add_argument("--ffn", "--model", choices=sorted(FAMILIES) + ["ff"], default=d.ffn, dest="ffn",
+                   help="the feedforward family ('ff' = dense, the name of earlier runs; --model is the old name "
+                        "of this flag)")
     p.add_argument("--arch", choices=ARCHS, default=d.arch,
                    help="mlp: the layer maps pixels to classes (FFF paper Table 1); vit: a small ViT whose "
                         "feedforwards are the layer")
     p.add_argument("--width", type=int, default=d.width, help="training width w (FFF: 2^depth * leaf)")
-    p.add_argument("--leaf", type=int, default=d.leaf, help="FFF leaf width / MoE expert width")
+    add_ffn_options(p)
     p.add_argument("--hardening", type=float, default=d.hardening, help="h, weight of the node-entropy loss")
     p.add_argument("--hardening-mode", choices=("mean", "reach"), default=d.hardening_mode,
                    help="mean: the FFF paper's loss; reach: entropy weighted by the mass reaching each node")
     p.add_argument("--hardening-warmup", type=int, default=d.hardening_warmup,
                    help="epochs over which h ramps linearly from 0 to --hardening (0 = full h from the start)")
-    p.add_argument("--region-leak", type=float, default=d.region_leak)
     p.add_argument("--balance", type=float, default=d.balance, help="load-balancing alpha (0 = off)")
-    p.add_argument("--master-leaf", choices=MASTER_LEAF, default=d.master_leaf)
-    p.add_argument("--train-mode", choices=TRAIN_MODES, default=d.train_mode,
-                   help="FFF training forward: soft (mixture over all leaves) or hard_path (one leaf per row)")
     p.add_argument("--routing-init", choices=ROUTING_INITS, default=d.routing_init,
                    help="FFF node initialisation: none (random) or pca (every node a balanced split of the "
                         "training rows that reach it)")
-    p.add_argument("--activation", default=d.activation)
-    p.add_argument("--top-k", type=int, default=d.top_k, help="MoE experts per row")
-    p.add_argument("--trees", type=int, default=d.trees, help="NeuronTree parallel trees")
     p.add_argument("--vit-dim", type=int, default=d.vit_dim)
     p.add_argument("--vit-layers", type=int, default=d.vit_layers)
     p.add_argument("--vit-heads", type=int, default=d.vit_heads)
@@ -62,28 +57,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "selection, and can never be used to pick a checkpoint")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--limit", type=int, default=None, help="use only this many training rows")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--checkpoint-every", type=int, default=1, help="epochs between resumable checkpoints")
+    add_threads(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--out", required=True, help="run directory to write")
+    add_run_dir(p)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    fields = TrainConfig.__dataclass_fields__
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields}).validate()
+    names = TrainConfig.__dataclass_fields__
+    values = {k: v for k, v in vars(args).items() if k in names and k != "ffn_options"}
+    return TrainConfig(**values, ffn_options=ffn_options(args, args.ffn)).validate()
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import load_dataset
-    from ..training.trainer import fit, save_run
+    import sys
 
-    if args.threads:
-        set_threads(args.threads)
+    from ..data import load_dataset
+    from ..training.trainer import fit
+
+    apply_threads(args)
     cfg = config_from_args(args)
+    mode = run_mode(args.resume, args.overwrite)
     data = load_dataset(cfg.data, seed=cfg.seed, val_fraction=cfg.val_fraction, limit=cfg.limit)
-    model, result = fit(cfg, data, progress=not args.quiet)
-    out = save_run(args.out, model, result)
+    model, result = fit(cfg, data, args.out, mode, progress=not args.quiet, checkpoint_every=args.checkpoint_every)
+    if result.stopped:
+        print(f"warning: {result.stopped}; the run keeps the best model before it", file=sys.stderr)
     val = result.epochs[result.best_epoch - 1]["val_acc"] if result.best_epoch else float("nan")
-    print(f"{out}: best epoch {result.best_epoch}/{len(result.epochs)}  train(MA) {result.train_acc:.2f}  "
+    print(f"{args.out}: best epoch {result.best_epoch}/{len(result.epochs)}  train(MA) {result.train_acc:.2f}  "
           f"val {val:.2f}  test(GA) {result.test['acc']:.2f}  "
           f"neurons/inference {result.neurons_per_inference}")
     return 0

@@ -13,12 +13,15 @@ Protocol (the same for every source):
   split (``x = (x - mean) / std``); the pair is returned so a checkpoint can be applied to new
   raw data. Scalar (not per-pixel) statistics keep constant-border pixels at a finite value.
 
-All tensors are float32 features ``(n, features)`` and int64 labels ``(n,)``.
+All tensors are float32 features ``(n, features)`` and int64 labels ``(n,)``; the labels of a
+source (train and test together) must be the class indices ``0..C-1``, every one present.
 """
 from __future__ import annotations
 
+import csv
 import gzip
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -155,7 +158,7 @@ def load_npz(path: str | os.PathLike):
     path = Path(path)
     try:
         arrays = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise DataFormatError(f"{path}: not a readable .npz file ({err})") from None
     keys = set(arrays.files)
     if {"x_train", "y_train"} <= keys:
@@ -173,22 +176,42 @@ def load_npz(path: str | os.PathLike):
     return tuple(out)
 
 
-def load_csv(path: str | os.PathLike):
-    """Rows of numbers; the label is the column named ``label`` if there is a header row,
-    else the first column. Returns (x, y, None, None)."""
-    path = Path(path)
-    with open(path) as f:
-        first = f.readline()
-    cells = [c.strip() for c in first.split(",")]
+def _is_number(cell: str) -> bool:
     try:
-        [float(c) for c in cells]
-        header = None
+        float(cell)
     except ValueError:
-        header = cells
+        return False
+    return True
+
+
+def load_csv(path: str | os.PathLike):
+    """Rows of numbers (UTF-8, cells may be quoted); the label is the column named ``label`` if
+    there is a header row, else the first column. A first header cell that is empty names a
+    column of row names (R's ``write.csv``, pandas' ``to_csv``), which is dropped. Returns
+    (x, y, None, None)."""
+    path = Path(path)
     try:
-        table = np.loadtxt(path, delimiter=",", skiprows=0 if header is None else 1, ndmin=2)
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            first = next(csv.reader(f), None)
+        if not first:
+            raise DataFormatError(f"{path}: empty CSV file (or an empty first line)")
+        cells = [c.strip() for c in first]
+        header = None if all(map(_is_number, cells)) else cells
+        table = np.loadtxt(path, delimiter=",", quotechar='"', skiprows=0 if header is None else 1, ndmin=2,
+                           encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataFormatError(f"{path}: not UTF-8 text ({err}); save the CSV as UTF-8") from None
+    except (OSError, csv.Error) as err:
+        raise DataFormatError(f"{path}: cannot read the CSV file ({type(err).__name__}: {err})") from None
     except ValueError as err:
+        if isinstance(err, DataFormatError):
+            raise
         raise DataFormatError(f"{path}: not a numeric CSV table ({err})") from None
+    if header is not None:
+        if len(header) != table.shape[1]:
+            raise DataFormatError(f"{path}: the header names {len(header)} columns, the rows have {table.shape[1]}")
+        if header[0] == "":                                   # row names
+            header, table = header[1:], table[:, 1:]
     col = header.index("label") if header is not None and "label" in header else 0
     if table.shape[1] < 2:
         raise DataFormatError(f"{path}: needs a label column and at least one feature column")
@@ -230,6 +253,20 @@ def _labels(y: np.ndarray, origin: str) -> np.ndarray:
     if not np.all(np.isfinite(y)) or np.any(y < 0) or np.any(y != np.round(y)):
         raise DataFormatError(f"{origin}: labels must be non-negative integers")
     return y.astype(np.int64)
+
+
+def _n_classes(labels: list[np.ndarray], origin: str) -> int:
+    """C for int labels (the train and test label arrays) that are the class indices 0..C-1,
+    every one present; else ``DataFormatError`` naming ``origin``, the labels and the fix."""
+    found = np.unique(np.concatenate(labels))
+    n = len(found)
+    if n and found[0] == 0 and found[-1] == n - 1:
+        return n
+    shown = ", ".join(map(str, found[:8])) + (f", ..., {found[-1]}" if n > 8 else "")
+    fix = ("subtract 1 from every label (they look like 1..C)" if n and found[0] == 1 and found[-1] == n
+           else "renumber the classes as 0..C-1, e.g. y = numpy.unique(y, return_inverse=True)[1]")
+    raise DataFormatError(f"{origin}: labels must be the class indices 0..C-1 with every class present (C classes "
+                          f"give a C-way classifier); found {n} distinct labels: {shown}; {fix}")
 
 
 def _stratified_holdout(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -284,13 +321,14 @@ def load_dataset(source: str, seed: int = 0, val_fraction: float = 0.1, limit: i
     y = _labels(y, source)
     if len(x) != len(y):
         raise DataFormatError(f"{source}: {len(x)} samples but {len(y)} labels")
-    image_shape = tuple(x.shape[1:]) if x.ndim == 3 else None
     held_out = xt is None
+    if not held_out:
+        yt = _labels(yt, source)
+    n_classes = _n_classes([y] if held_out else [y, yt], source)
+    image_shape = tuple(x.shape[1:]) if x.ndim == 3 else None
     if held_out:
         mask = _stratified_holdout(y, HOLDOUT_FRACTION, HOLDOUT_SEED)
         x, y, xt, yt = x[~mask], y[~mask], x[mask], y[mask]
-    else:
-        yt = _labels(yt, source)
     x = x.reshape(len(x), -1).astype(np.float64)
     xt = np.asarray(xt).reshape(len(xt), -1).astype(np.float64)
     if xt.shape[1] != x.shape[1]:
@@ -308,7 +346,6 @@ def load_dataset(source: str, seed: int = 0, val_fraction: float = 0.1, limit: i
     def split(a, b):
         return Split(torch.from_numpy(((a - mean) / std).astype(np.float32)), torch.from_numpy(b))
 
-    n_classes = int(max(y.max(), yt.max())) + 1
     return Dataset(name=source, train=split(x[train_idx], y[train_idx]), val=split(x[val_idx], y[val_idx]),
                    test=split(xt, yt), n_classes=n_classes, image_shape=image_shape, mean=mean, std=std,
                    info={"test_source": "fixed stratified 20% hold-out (seed 0)" if held_out else "own test set",

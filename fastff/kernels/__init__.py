@@ -5,8 +5,19 @@ Every backend implements, on 2-D inputs,
 - inference: ``fff_hard(x, node_w, node_b, w1, b1, w2, b2, activation, gated=False)`` and
   ``neuron_tree(x, w_in, b_in, w_out, b_out, activation)``;
 - training (differentiable, O(depth) per row): ``neuron_tree_paths`` (-> output, visited
-  nodes), ``fff_walk`` and ``fff_leaves`` (composed into the FFF hard path by
-  ``fastff.kernels.routing.fff_hard_path``).
+  nodes, and with ``preactivations=True`` the visited pre-activations), ``fff_walk`` and
+  ``fff_leaves`` (composed into the FFF hard path by ``fastff.kernels.routing.fff_hard_path``).
+
+The NeuronTree routing offset and path gate (``route_bias=``, ``gate=True`` of ``neuron_tree`` /
+``neuron_tree_paths``) exist on ``"reference"`` and ``"torch"`` only; ``"auto"`` runs calls that
+use them on ``"torch"``.
+
+Optional, for repeated eval calls without gradient on the same weights: a *prepared fast
+path* ``prepare(op, weights, activation, *flags)`` -> a callable ``x (..., I) -> (..., O)`` (None
+for an input it does not take as it is) or None, where ``op`` is ``"fff_hard"`` /
+``"neuron_tree"`` and ``weights`` its weight arguments. ``"cpu"`` offers one (``cpu.prepare``),
+``"auto"`` where it would pick ``"cpu"``; layers keep it while their weights keep their
+``stamp`` (pointers and sizes).
 
 Backends:
 
@@ -35,6 +46,7 @@ import torch
 
 from .._checks import check_choice
 from . import cpu, reference, routing, vectorized
+from .cpu import stamp  # noqa: F401  (what a prepared fast path depends on)
 from .routing import needs_grad
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -45,6 +57,8 @@ class _LazyModule:
 
     def __init__(self, name: str):
         self._name = name
+
+    prepare = None  # no prepared fast path (importing Triton just to find none would be slow)
 
     def __getattr__(self, attr):
         return getattr(importlib.import_module(self._name), attr)
@@ -107,13 +121,23 @@ class _Auto:
         return _pick((x, *weights), True).fff_hard(x, *weights, activation, gated)
 
     @staticmethod
-    def neuron_tree(x, w_in, b_in, w_out, b_out, activation: str) -> torch.Tensor:
+    def neuron_tree(x, w_in, b_in, w_out, b_out, activation: str, route_bias=None, gate: bool = False) -> torch.Tensor:
         weights = (w_in, b_in, w_out, b_out)
+        if route_bias is not None or gate:           # only "torch" and "reference" take these
+            return vectorized.neuron_tree(x, *weights, activation, route_bias, gate)
         return _pick((x, *weights), True).neuron_tree(x, *weights, activation)
 
     @staticmethod
-    def neuron_tree_paths(x, w_in, b_in, w_out, b_out, activation: str):
-        return _pick((x, w_in, b_in, w_out, b_out), False).neuron_tree_paths(x, w_in, b_in, w_out, b_out, activation)
+    def neuron_tree_paths(x, w_in, b_in, w_out, b_out, activation: str, route_bias=None, gate: bool = False,
+                          preactivations: bool = False):
+        weights = (w_in, b_in, w_out, b_out)
+        if route_bias is not None or gate:
+            return vectorized.neuron_tree_paths(x, *weights, activation, route_bias, gate, preactivations)
+        return _pick((x, *weights), False).neuron_tree_paths(x, *weights, activation, preactivations=preactivations)
+
+    @staticmethod
+    def prepare(op: str, weights: tuple, activation: str, *flags):
+        return cpu.prepare(op, weights, activation, *flags) if cpu_applies(*weights) else None
 
     @staticmethod
     def fff_walk(x, node_w, node_b, flip):
@@ -127,16 +151,12 @@ class _Auto:
 AUTO = _Auto()
 
 
-def backend_name(backend: str | None) -> str:
-    """The backend name a layer with ``backend`` runs on: the forced one, its own, or the default."""
-    return _forced or backend or _default
-
-
 def resolve(backend: str | None, training: bool = False):
-    """The backend a layer with ``backend`` (None: the global default) runs on: a module with the
-    interface above, or for ``"auto"`` a dispatcher that chooses per call. ``training``: the
-    backend must provide the training ops (``"triton"`` does not: ValueError)."""
-    name = backend_name(backend)
+    """The backend a layer with ``backend`` runs on (the forced one, else its own, else the global
+    default): a module with the interface above, or for ``"auto"`` a dispatcher that chooses per
+    call. ``training``: the backend must provide the training ops (``"triton"`` does not:
+    ValueError). Called on every layer forward (the eval hot path too)."""
+    name = _forced or backend or _default
     if name == "auto":
         return AUTO
     module = BACKENDS.get(name) if isinstance(name, str) else None

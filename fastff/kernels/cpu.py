@@ -188,6 +188,19 @@ def prepared(prepare, weights: tuple, activation: str, *flags) -> Prepared:
     return p
 
 
+_PREPARERS = {"fff_hard": prepare_fff, "neuron_tree": prepare_neuron_tree}
+
+
+def prepare(op: str, weights: tuple, activation: str, *flags) -> Prepared | None:
+    """The backend's prepared fast path (see ``fastff.kernels``): inference op ``op``
+    (``"fff_hard"`` / ``"neuron_tree"``) on ``weights`` (its weight arguments, then the activation
+    and the op's flags) as a ``prepared`` call, or None unless the kernels run the weights as
+    they are: CPU tensors of one dtype of ``DTYPES``, contiguous."""
+    if not applies(*weights) or not all(w is None or w.is_contiguous() for w in weights):
+        return None
+    return prepared(_PREPARERS[op], weights, activation, *flags)
+
+
 _NO_BIAS = {np.dtype(dt): np.zeros(0, dt) for dt in (np.float32, np.float64)}
 
 
@@ -433,7 +446,8 @@ class _Walk(torch.autograd.Function):
 
 class _NeuronTree(torch.autograd.Function):
     """NeuronTree forward (the grouped inference kernels, recording the visited nodes and their
-    pre-activations) and its conditional backward. -> (y (B,O), nodes (B,K,D+1))."""
+    pre-activations) and its conditional backward. -> (y (B,O), nodes (B,K,D+1), pre (B,K,D+1));
+    y and the visited pre-activations are differentiable."""
 
     @staticmethod
     @follow_torch_threads
@@ -441,15 +455,15 @@ class _NeuronTree(torch.autograd.Function):
         xa, wi, wo = _np(x), _np(w_in), _np(w_out)
         y = np.empty((xa.shape[0], wo.shape[-1]), dtype=xa.dtype)
         pre, nodes = _nt_grouped(xa, wi, _np(b_in), wo, _np(b_out), code, tree_levels(wi.shape[1]), y)
-        nodes = torch.from_numpy(nodes)
-        ctx.save_for_backward(x, w_in, w_out, nodes, torch.from_numpy(pre))
+        nodes, pre = torch.from_numpy(nodes), torch.from_numpy(pre)
+        ctx.save_for_backward(x, w_in, w_out, nodes, pre)
         ctx.code = code
         ctx.mark_non_differentiable(nodes)
-        return torch.from_numpy(y), nodes
+        return torch.from_numpy(y), nodes, pre
 
     @staticmethod
     @follow_torch_threads
-    def backward(ctx, g, _):
+    def backward(ctx, g, _, g_pre):
         x, w_in, w_out, nodes, pre = (_np(t) for t in ctx.saved_tensors)
         g = _np(g)
         (B, K, T), (M, F), O = nodes.shape, w_in.shape[1:], w_out.shape[-1]
@@ -457,6 +471,7 @@ class _NeuronTree(torch.autograd.Function):
         gh, da, h = np.empty_like(pre), np.empty_like(pre), np.empty_like(pre)
         train.path_dots(g, w_out.reshape(K * M, O), idx, order[0], gh.reshape(B, K * T))
         train.nt_act_grads(pre, gh, ctx.code, da, h)
+        da += _np(g_pre)                                   # gradient reaching the pre-activations directly
         gw_in, gw_out = np.empty_like(w_in), np.empty_like(w_out)
         gb_in, gb_out = np.empty((K, M), w_in.dtype), np.empty((K, M), w_in.dtype)
         _node_outer(da, x, nodes, order, starts, gw_in, gb_in)
@@ -497,16 +512,19 @@ class _Leaves(torch.autograd.Function):
         return tuple(map(torch.from_numpy, (gx, dw1, db1, dw2, db2, ggate))) + (None, None, None)
 
 
-def neuron_tree_paths(x, w_in, b_in, w_out, b_out, activation: str):
+def neuron_tree_paths(x, w_in, b_in, w_out, b_out, activation: str, preactivations: bool = False):
     """NeuronTree forward with O(K·(D+1)·(in+out)) forward and backward per row.
 
     x (B, I), w_in (K, M, I), b_in (K, M), w_out (K, M, O), b_out (O,) or None -> (y (B, O),
-    nodes (B, K, D+1) long, the visited node per row, tree and level). x and every weight get
+    nodes (B, K, D+1) long, the visited node per row, tree and level), and the visited
+    pre-activations (B, K, D+1) (differentiable too) if ``preactivations``. x and every weight get
     gradients; weight gradients are nonzero only in visited rows. Equal (values and gradients) to
-    ``reference.neuron_tree_paths``."""
+    ``reference.neuron_tree_paths``. No routing offset or path gate (the NeuronTree options
+    ``route_bias`` / ``gate``): those run on ``"torch"``."""
     check_tensors(x, w_in, b_in, w_out, b_out)
     bias = w_out.new_zeros(w_out.shape[-1]) if b_out is None else b_out
-    return _NeuronTree.apply(x, w_in, b_in, w_out, bias, activation_code(activation))
+    y, nodes, pre = _NeuronTree.apply(x, w_in, b_in, w_out, bias, activation_code(activation))
+    return (y, nodes, pre) if preactivations else (y, nodes)
 
 
 def fff_walk(x, node_w, node_b, flip):

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ..functional import (child_index, fff_depth, get_activation, go_right, mixture_weights, taken_prob,
-                          tree_levels)
+from ..functional import (child_index, fff_depth, get_activation, go_right, hard_path_from_logits, leaf_paths,
+                          mixture_weights, taken_prob, tree_levels)
 
 
 def _stack(rows: list, x: torch.Tensor, features: int) -> torch.Tensor:
@@ -42,12 +42,12 @@ def fff_soft(x, node_w, node_b, w1, b1, w2, b2, activation: str, p=None) -> torc
     if p is None:
         p = torch.sigmoid(x @ node_w.T + node_b)
 
+    path_nodes, path_right = (t.tolist() for t in leaf_paths(depth))
+
     def leaf_weight(b: int, leaf: int):
-        weight, node = 1.0, 0
-        for t in range(depth):
-            right = (leaf >> (depth - 1 - t)) & 1
+        weight = 1.0
+        for node, right in zip(path_nodes[leaf], path_right[leaf]):
             weight = weight * (p[b, node] if right else 1 - p[b, node])
-            node = 2 * node + 1 + right
         return weight
 
     rows = [sum(leaf_weight(b, leaf) * (act(row @ w1[leaf] + b1[leaf]) @ w2[leaf] + b2[leaf])
@@ -56,8 +56,9 @@ def fff_soft(x, node_w, node_b, w1, b1, w2, b2, activation: str, p=None) -> torc
     return _stack(rows, x, w2.shape[-1])
 
 
-def neuron_tree_visits(x, w_in, b_in) -> torch.Tensor:
-    """Visited node per row, tree and level by a per-row walk. -> (B, K, D+1) long."""
+def neuron_tree_visits(x, w_in, b_in, route_bias=None) -> torch.Tensor:
+    """Visited node per row, tree and level by a per-row walk (right iff the pre-activation plus
+    ``route_bias[k, node]`` is >= 0; route_bias (K, M) or None). -> (B, K, D+1) long."""
     levels = tree_levels(w_in.shape[1])
     visits = torch.zeros(x.shape[0], w_in.shape[0], levels, dtype=torch.long)
     for b, row in enumerate(x):
@@ -65,40 +66,65 @@ def neuron_tree_visits(x, w_in, b_in) -> torch.Tensor:
             node = 0
             for t in range(levels):
                 visits[b, k, t] = node
-                node = int(child_index(node, go_right(row @ w_in[k, node] + b_in[k, node])))
+                logit = row @ w_in[k, node] + b_in[k, node] + (0 if route_bias is None else route_bias[k, node])
+                node = int(child_index(node, go_right(logit)))
     return visits
 
 
-def neuron_tree(x, w_in, b_in, w_out, b_out, activation: str) -> torch.Tensor:
-    """NeuronTree forward: per row and tree, add act(x·w_in[n] + b_in[n]) · w_out[n] for every
-    visited node n. -> (B, O)."""
+def neuron_tree(x, w_in, b_in, w_out, b_out, activation: str, route_bias=None, gate: bool = False) -> torch.Tensor:
+    """NeuronTree forward: per row and tree, walk from the root and add act(a) · w_out[n] with
+    a = x·w_in[n] + b_in[n] for every visited node n, going right iff a + route_bias[k, n] >= 0
+    (route_bias (K, M) or None: 0). ``gate``: each neuron's term is scaled by the product, over
+    the nodes above it on the path, of the taken branch's probability sigmoid(|a + route_bias|).
+    -> (B, O)."""
     act = get_activation(activation)
-    visits = neuron_tree_visits(x, w_in, b_in)
     rows = []
-    for b, row in enumerate(x):
+    for row in x:
         out = w_out.new_zeros(w_out.shape[-1]) if b_out is None else b_out.clone()
         for k in range(w_in.shape[0]):
-            for node in visits[b, k].tolist():
-                out = out + act(row @ w_in[k, node] + b_in[k, node]) * w_out[k, node]
+            node, g = 0, 1.0
+            for _ in range(tree_levels(w_in.shape[1])):
+                a = row @ w_in[k, node] + b_in[k, node]
+                out = out + (g if gate else 1.0) * act(a) * w_out[k, node]
+                logit = a if route_bias is None else a + route_bias[k, node]
+                g = g * taken_prob(logit)
+                node = int(child_index(node, go_right(logit)))
         rows.append(out)
     return _stack(rows, x, w_out.shape[-1])
 
 
-def neuron_tree_masked_dense(x, w_in, b_in, w_out, b_out, activation: str) -> torch.Tensor:
-    """UltraFastBERT's training formulation: all K·M neurons computed densely, multiplied by a
-    0/1 mask of the visited ones. Differentiable; the gradient ground truth. -> (B, O)."""
+def _masked_dense(x, w_in, b_in, w_out, b_out, activation: str, route_bias=None, gate: bool = False):
+    """(output (B, O), visits (B, K, D+1), visited pre-activations (B, K, D+1)) of the masked-dense
+    formulation; with ``gate`` the mask holds each visited neuron's path gate instead of 1."""
     act = get_activation(activation)
-    visits = neuron_tree_visits(x, w_in, b_in)
-    mask = torch.zeros(x.shape[0], *w_in.shape[:2], dtype=x.dtype)
-    mask.scatter_(2, visits, 1.0)
-    h = act(torch.einsum("bi,kmi->bkm", x, w_in) + b_in) * mask
-    y = torch.einsum("bkm,kmo->bo", h, w_out)
-    return y if b_out is None else y + b_out
+    visits = neuron_tree_visits(x, w_in, b_in, route_bias)
+    dense = torch.einsum("bi,kmi->bkm", x, w_in) + b_in                               # (B, K, M)
+    pre = dense.gather(2, visits)                                                     # (B, K, D+1)
+    if gate:
+        logits = pre if route_bias is None else pre + route_bias[torch.arange(w_in.shape[0])[:, None], visits]
+        q = taken_prob(logits)
+        on = torch.cat((torch.ones_like(q[..., :1]), q[..., :-1].cumprod(-1)), -1)   # gate of each visited neuron
+    else:
+        on = torch.ones(visits.shape, dtype=x.dtype)
+    mask = torch.zeros(x.shape[0], *w_in.shape[:2], dtype=x.dtype).scatter(2, visits, on)
+    y = torch.einsum("bkm,kmo->bo", act(dense) * mask, w_out)
+    return (y if b_out is None else y + b_out), visits, pre
 
 
-def neuron_tree_paths(x, w_in, b_in, w_out, b_out, activation: str):
-    """Training forward of the ``"reference"`` backend: (masked dense output (B, O), visits (B, K, D+1))."""
-    return neuron_tree_masked_dense(x, w_in, b_in, w_out, b_out, activation), neuron_tree_visits(x, w_in, b_in)
+def neuron_tree_masked_dense(x, w_in, b_in, w_out, b_out, activation: str, route_bias=None,
+                             gate: bool = False) -> torch.Tensor:
+    """UltraFastBERT's training formulation: all K·M neurons computed densely, multiplied by a
+    0/1 mask of the visited ones (with ``gate``: by their path gates; ``route_bias`` as in
+    ``neuron_tree``). Differentiable; the gradient ground truth. -> (B, O)."""
+    return _masked_dense(x, w_in, b_in, w_out, b_out, activation, route_bias, gate)[0]
+
+
+def neuron_tree_paths(x, w_in, b_in, w_out, b_out, activation: str, route_bias=None, gate: bool = False,
+                      preactivations: bool = False):
+    """Training forward of the ``"reference"`` backend: (masked dense output (B, O), visits (B, K, D+1)),
+    and the visited pre-activations (B, K, D+1) if ``preactivations``."""
+    y, visits, pre = _masked_dense(x, w_in, b_in, w_out, b_out, activation, route_bias, gate)
+    return (y, visits, pre) if preactivations else (y, visits)
 
 
 def fff_walk(x, node_w, node_b, flip):
@@ -137,10 +163,8 @@ def fff_hard_path(x, node_w, node_b, w1, b1, w2, b2, activation: str, p=None) ->
     depth = fff_depth(w1.shape[0])
     if p is None:
         p = torch.sigmoid(x @ node_w.T + node_b)
-    node = torch.zeros(x.shape[0], dtype=torch.long)
-    for _ in range(depth):
-        node = child_index(node, go_right(p.gather(1, node[:, None])[:, 0] - 0.5))
-    mask = torch.nn.functional.one_hot(node - len(node_b), w1.shape[0]).to(x.dtype)   # (B, L)
+    leaf = hard_path_from_logits(p - 0.5, depth).leaf                                  # right iff p >= 0.5
+    mask = torch.nn.functional.one_hot(leaf, w1.shape[0]).to(x.dtype)                  # (B, L)
     h = act(torch.einsum("bi,lih->blh", x, w1) + b1)
     leaves = torch.einsum("blh,lho->blo", h, w2) + b2                                  # (B, L, O)
     return torch.einsum("bl,blo->bo", mixture_weights(p, depth) * mask, leaves)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ..functional import fff_depth, get_activation, hard_path, neuron_tree_walk, taken_prob, tree_levels
+from ..functional import (fff_depth, get_activation, hard_path, neuron_tree_path_gate, neuron_tree_walk, taken_prob,
+                          tree_levels, tree_routing_logits)
 
 CHUNK_BYTES = 64 << 20
 
@@ -40,21 +41,29 @@ def fff_hard(x, node_w, node_b, w1, b1, w2, b2, activation: str, gated: bool = F
     return torch.cat(outs)
 
 
-def neuron_tree(x, w_in, b_in, w_out, b_out, activation: str) -> torch.Tensor:
-    """NeuronTree forward. x (B, I) -> (B, O); see ``reference.neuron_tree``."""
+def neuron_tree(x, w_in, b_in, w_out, b_out, activation: str, route_bias=None, gate: bool = False) -> torch.Tensor:
+    """NeuronTree forward. x (B, I) -> (B, O); see ``reference.neuron_tree`` (``route_bias``,
+    ``gate``: as there)."""
     levels, K = tree_levels(w_in.shape[1]), w_in.shape[0]
     per_row = K * levels * (w_in.shape[-1] + w_out.shape[-1]) * x.element_size()
-    return torch.cat([neuron_tree_paths(xc, w_in, b_in, w_out, b_out, activation)[0]
+    return torch.cat([neuron_tree_paths(xc, w_in, b_in, w_out, b_out, activation, route_bias, gate)[0]
                       for xc in _chunks(x, per_row)])
 
 
-def neuron_tree_paths(x, w_in, b_in, w_out, b_out, activation: str):
-    """NeuronTree forward with the visited nodes. -> (y (B, O), nodes (B, K, D+1) long);
-    differentiable through the visited neurons only."""
-    nodes, a = neuron_tree_walk(x, w_in, b_in, tree_levels(w_in.shape[1]) - 1)    # (B, K, D+1)
+def neuron_tree_paths(x, w_in, b_in, w_out, b_out, activation: str, route_bias=None, gate: bool = False,
+                      preactivations: bool = False):
+    """NeuronTree forward with the visited nodes. -> (y (B, O), nodes (B, K, D+1) long), and the
+    visited pre-activations (B, K, D+1) if ``preactivations``; differentiable through the visited
+    neurons only. ``route_bias`` (K, M) offsets the decisions only; ``gate`` scales each visited
+    neuron's output by its path gate (``functional.neuron_tree_path_gate``)."""
+    nodes, a = neuron_tree_walk(x, w_in, b_in, tree_levels(w_in.shape[1]) - 1, route_bias)   # (B, K, D+1)
     tree = torch.arange(w_in.shape[0], device=x.device)[:, None]
-    y = torch.einsum("bkt,bkto->bo", get_activation(activation)(a), w_out[tree, nodes])
-    return (y if b_out is None else y + b_out), nodes
+    h = get_activation(activation)(a)
+    if gate:
+        h = h * neuron_tree_path_gate(tree_routing_logits(a, nodes, route_bias))
+    y = torch.einsum("bkt,bkto->bo", h, w_out[tree, nodes])
+    y = y if b_out is None else y + b_out
+    return (y, nodes, a) if preactivations else (y, nodes)
 
 
 def fff_walk(x, node_w, node_b, flip):

@@ -8,10 +8,6 @@ from torch import nn
 from .. import kernels
 from .._checks import CheckedInput, ShapeCheckedLoad, check_input, finite_check_on
 from ..io import serializable
-from ..kernels import cpu
-
-
-_EAGER_BACKENDS = ("auto", "cpu")
 
 
 def batch_mean(t: torch.Tensor) -> torch.Tensor:
@@ -89,47 +85,46 @@ class RoutedLayer(CheckedInput, ShapeCheckedLoad, nn.Module):
 
 
 class EagerKernel:
-    """Mixin, before ``RoutedLayer``, of layers whose eval forward is one ``"cpu"`` kernel call
-    (NeuronTree; FFF without master leaf): eval calls with no gradient, not traced, run on the
-    layer's weights prepared once (a ``cpu.Prepared``, kept in ``_eager`` with the ``cpu.stamp``
-    of the parameters and the ``_eager_config``), re-prepared when either changes."""
+    """Mixin, before ``RoutedLayer``, of layers whose eval forward is one inference op (NeuronTree;
+    FFF without master leaf): eval calls with no gradient, not traced, run the op's prepared
+    fast path when the layer's backend (``kernels.resolve``) offers one (see ``fastff.kernels``):
+    made once and kept in ``_eager`` with that backend, the ``kernels.stamp`` of the parameters
+    and the ``_eager_config``, re-prepared when any of them changes."""
 
-    _eager: tuple | None = None  # (stamp of the parameters, eager config, cpu.Prepared or None)
+    _eager: tuple | None = None  # (backend, stamp of the parameters, eager config, prepared call or None)
 
     def __getstate__(self):
         """Copies and pickles re-prepare (the prepared call holds views of this layer's memory)."""
         return dict(super().__getstate__(), _eager=None)
 
     def _eager_forward(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The eval forward of x (..., in) on the ``"cpu"`` kernels with the prepared weights: the
-        batch-1 hot path, a few checks that nothing changed since they were prepared. None when
-        the general path must run this call: training, grad mode, another backend, check_finite
-        on, weights or an input the kernels do not take as they are (the general path converts
-        or rejects them)."""
-        if (self.training or torch.is_grad_enabled() or type(x) is not torch.Tensor
-                or kernels.backend_name(self.backend) not in _EAGER_BACKENDS or finite_check_on(self)):
+        """The eval forward of x (..., in) on the prepared fast path: the batch-1 hot path, a few
+        checks that nothing changed since it was prepared. None when the general path must run
+        this call: training, grad mode, check_finite on, a backend without a prepared path,
+        weights or an input the path does not take as they are (the general path converts or
+        rejects them)."""
+        if self.training or torch.is_grad_enabled() or type(x) is not torch.Tensor or finite_check_on(self):
             return None
-        eager, st, config = self._eager, cpu.stamp(self._parameters.values()), self._eager_config()
-        if eager is None or eager[0] != st or eager[1] != config:
-            eager = self._eager = (st, config, self._prepare_eager())
-        return None if eager[2] is None else eager[2](x)
+        backend, eager = kernels.resolve(self.backend), self._eager
+        st, config = kernels.stamp(self._parameters.values()), self._eager_config()
+        if eager is None or eager[0] is not backend or eager[1] != st or eager[2] != config:
+            eager = self._eager = (backend, st, config, self._prepare_eager(backend))
+        return None if eager[3] is None else eager[3](x)
 
     def _eager_config(self) -> tuple:  # pragma: no cover - abstract
-        """What the prepared call depends on besides the parameters (e.g. the activation)."""
+        """The op's arguments after the weights: the activation, then its flags (e.g. gated)."""
         raise NotImplementedError
 
-    def _prepare_eager(self) -> cpu.Prepared | None:  # pragma: no cover - abstract
-        """This layer's eval forward as a ``cpu.Prepared`` call (``_prepared``), or None if it is
-        not one kernel call (then every eval call takes the general path)."""
+    def _prepare_eager(self, backend):  # pragma: no cover - abstract
+        """This layer's eval forward as ``backend``'s prepared call (``_prepared``), or None if it
+        is not one inference op (then every eval call takes the general path)."""
         raise NotImplementedError
 
-    def _prepared(self, prepare, names: tuple) -> cpu.Prepared | None:
-        """``cpu.prepared(prepare, weights, *_eager_config())`` for the parameters ``names``, or None
-        unless the kernels run them as they are: registered here (not parametrized), CPU tensors
-        of one dtype of ``cpu.DTYPES``, contiguous."""
-        if not all(n in self._parameters for n in names):
+    def _prepared(self, backend, op: str, names: tuple):
+        """``backend.prepare(op, weights, *_eager_config())`` for the parameters ``names``, or None
+        when the backend has no prepared path or a parameter is not registered here (e.g.
+        parametrized)."""
+        prepare = getattr(backend, "prepare", None)
+        if prepare is None or not all(n in self._parameters for n in names):
             return None
-        weights = tuple(self._parameters[n] for n in names)
-        if not cpu.applies(*weights) or not all(w is None or w.is_contiguous() for w in weights):
-            return None
-        return cpu.prepared(prepare, weights, *self._eager_config())
+        return prepare(op, tuple(self._parameters[n] for n in names), *self._eager_config())

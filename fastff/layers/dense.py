@@ -6,12 +6,14 @@ from torch import nn
 
 from .._checks import CheckedInput, check_choice, check_input, check_int
 from ..functional import ACTIVATIONS, get_activation
+from ..io import serializable
 
 
 # What a dynamically quantized fc1 (torch.ao quantize_dynamic: packed int8 weights) takes as input.
 _FLOAT32_CPU = torch.empty(0)
 
 
+@serializable
 class DenseFF(CheckedInput, nn.Module):
     """``y = W2 act(W1 x + b1) + b2``; x (..., in_features) -> (..., out_features)."""
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from .._checks import check_bool, check_choice, check_fraction, check_int, check_parameter_bytes
 from .. import kernels
-from ..functional import (ACTIVATIONS, bernoulli_entropy, get_activation, go_right, child_index,
+from ..functional import (ACTIVATIONS, bernoulli_entropy, get_activation, go_right, hard_path_from_logits,
                           mixture_weights, n_nodes, node_reach)
 from ._base import EagerKernel, RoutedLayer, batch_mean
 from .dense import DenseFF
@@ -139,10 +139,10 @@ class FFF(EagerKernel, RoutedLayer):
     def _eager_config(self) -> tuple:
         return (self.activation, self.gated)
 
-    def _prepare_eager(self):
+    def _prepare_eager(self, backend):
         if self.master is not None:
             return None
-        return self._prepared(kernels.cpu.prepare_fff, ("node_w", "node_b", "w1", "b1", "w2", "b2"))
+        return self._prepared(backend, "fff_hard", ("node_w", "node_b", "w1", "b1", "w2", "b2"))
 
     def _forward_2d(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
@@ -204,18 +204,11 @@ class FFF(EagerKernel, RoutedLayer):
             self.node_usage += torch.bincount(nodes.flatten(), minlength=N).to(self.node_usage.dtype)
         return y
 
-    @torch.no_grad()
-    def _hard_leaf(self, logits: torch.Tensor) -> torch.Tensor:
-        """Hard leaf per row from precomputed node logits (B, N) -> (B,) long."""
-        node = logits.new_zeros(logits.shape[0], dtype=torch.long)
-        for _ in range(self.depth):
-            node = child_index(node, go_right(logits.gather(1, node[:, None])[:, 0]))
-        return node - n_nodes(self.depth)
-
     def _record(self, logits: torch.Tensor, p: torch.Tensor, mix: torch.Tensor) -> None:
         entropy = bernoulli_entropy(logits)                            # (B, N)
         reach = node_reach(p, self.depth).detach()
-        leaf = self._hard_leaf(logits)
+        path = hard_path_from_logits(logits.detach(), self.depth)
+        leaf = path.leaf
         counts = torch.bincount(leaf, minlength=self.n_leaves).to(mix.dtype)
         self.aux = {
             "node_entropy": batch_mean(entropy),                       # (N,)
@@ -228,10 +221,8 @@ class FFF(EagerKernel, RoutedLayer):
             self.node_usage += reach.sum(0).to(self.node_usage.dtype)
         elif self.usage == "hard":
             self.leaf_usage += counts.to(self.leaf_usage.dtype)
-            node = leaf + n_nodes(self.depth)
-            for _ in range(self.depth):
-                node = (node - 1) // 2
-                self.node_usage += torch.bincount(node, minlength=n_nodes(self.depth)).to(self.node_usage.dtype)
+            node_counts = torch.bincount(path.nodes.flatten(), minlength=n_nodes(self.depth))
+            self.node_usage += node_counts.to(self.node_usage.dtype)
 
     def extra_repr(self) -> str:
         opts = [f"in_features={self.in_features}", f"out_features={self.out_features}",

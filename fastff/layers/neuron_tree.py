@@ -6,19 +6,23 @@ import math
 import torch
 from torch import nn
 
-from .._checks import check_bool, check_choice, check_int, check_parameter_bytes
+from .._checks import check_bool, check_choice, check_fraction, check_int, check_parameter_bytes
 from .. import kernels
-from ..functional import ACTIVATIONS, tree_size
+from ..functional import ACTIVATIONS, tree_routing_logits, tree_size
 from ._base import EagerKernel, RoutedLayer
+from .dense import DenseFF
 
 USAGE = (None, "hard")
+GATES = ("none", "path")
+ROUTED_OPTION_BACKENDS = ("reference", "torch")   # the backends that implement route_bias and gate="path"
 
 
 class NeuronTree(EagerKernel, RoutedLayer):
     """``trees`` parallel binary trees of depth ``depth``; every one of the ``2**(depth+1) - 1``
     nodes of a tree is a neuron. Per row and tree, start at the root, and on each of the
     ``depth + 1`` levels add ``act(a) · w_out[node]`` with ``a = x·w_in[node] + b_in[node]``,
-    then go right iff ``a >= 0``. x (..., in_features) -> (..., out_features).
+    then go right iff ``a >= 0`` (the routing logit: ``a``, plus ``route_bias[node]`` with that
+    option). x (..., in_features) -> (..., out_features).
 
     Routing is by sign in both train and eval, so train and eval compute the same function and
     gradients reach only the visited neurons; training runs the backend's ``neuron_tree_paths``
@@ -30,13 +34,35 @@ class NeuronTree(EagerKernel, RoutedLayer):
     ``depth=0`` is a dense FF of width ``trees``. Parameters: w_in (K, M, in), b_in (K, M),
     w_out (K, M, out), b_out (out,) if ``bias``. Init: w_in, b_in uniform ±1/sqrt(in);
     w_out, b_out uniform ±1/sqrt(K·(depth+1)) (the neurons active per row).
+
+    Options for trees that do not use their capacity (all off by default):
+
+    - ``route_bias`` (update rate r >= 0): a buffer ``route_bias`` (K, M) offsets the routing
+      decisions only (right iff ``a + route_bias[node] >= 0``; the activation still uses ``a``).
+      Every training forward, after computing its output, moves the offset of each decision node
+      (levels 0..D-1) that a row reached by ``-r·sign(f - 1/2)``, f the fraction of its rows that
+      went right (auxiliary-loss-free balancing, as DeepSeek-V3); eval uses the buffer as it is.
+    - ``gate="path"``: each visited neuron's term ``act(a)·w_out`` is scaled by the probability
+      of the path to it, the product over its ancestors of ``sigmoid(|a + route_bias|)`` (the
+      root's gate is 1), so the routing decisions get a gradient; eval computes the same function.
+    - ``dense_slice`` (width): a ``DenseFF`` of that width and the same activation, ``dense``,
+      evaluated for every row and added to the output (counted in both widths).
+
+    ``route_bias > 0`` and ``gate="path"`` run on the ``"torch"`` / ``"reference"`` backends only:
+    ``"auto"`` runs such a layer on ``"torch"`` (eval and training, no prepared fast path), and
+    ``"cpu"`` / ``"triton"`` raise ``ValueError``.
+
+    Every training forward records in ``aux["node_balance"]`` (K, M), per decision node reached
+    by n of the B rows, ``(n/B)·(mean over those rows of sigmoid(routing logit) - 1/2)^2`` (0
+    elsewhere; differentiable in the routing weights), which ``fastff.training.node_balance_loss``
+    sums.
     """
 
     _reference = "w_in"
 
     def __init__(self, in_features: int, out_features: int, depth: int, trees: int = 1,
                  activation: str = "gelu", bias: bool = True, backend: str | None = None,
-                 usage: str | None = None):
+                 usage: str | None = None, route_bias: float = 0.0, gate: str = "none", dense_slice: int = 0):
         super().__init__()
         self.in_features = check_int("in_features", in_features, 1)
         self.out_features = check_int("out_features", out_features, 1)
@@ -44,9 +70,13 @@ class NeuronTree(EagerKernel, RoutedLayer):
         self.trees = check_int("trees", trees, 1)
         self.activation = check_choice("activation", activation, tuple(ACTIVATIONS))
         self.backend = None if backend is None else check_choice("backend", backend, ("auto", *kernels.BACKENDS))
+        self.route_bias_rate = check_fraction("route_bias", route_bias, high=math.inf)
+        self.gate = check_choice("gate", gate, GATES)
+        self.dense_slice = check_int("dense_slice", dense_slice, 0)
         M = tree_size(depth)
         check_parameter_bytes(f"NeuronTree(depth={depth}, trees={trees})",
-                              trees * M * (in_features + 1 + out_features) + out_features)
+                              trees * M * (in_features + 1 + out_features) + out_features
+                              + dense_slice * (in_features + 1 + out_features))
         b_in, b_out = 1 / math.sqrt(in_features), 1 / math.sqrt(trees * (depth + 1))
         self.w_in = nn.Parameter(torch.empty(trees, M, in_features).uniform_(-b_in, b_in))
         self.b_in = nn.Parameter(torch.empty(trees, M).uniform_(-b_in, b_in))
@@ -58,6 +88,11 @@ class NeuronTree(EagerKernel, RoutedLayer):
         self.usage = check_choice("usage", usage, USAGE)
         if usage is not None:
             self.register_buffer("neuron_usage", torch.zeros(trees, M))
+        if self.route_bias_rate > 0:
+            self.register_buffer("route_bias", torch.zeros(trees, M))
+        self.dense = DenseFF(in_features, out_features, dense_slice, activation) if dense_slice else None
+        if self.routed_options():
+            self._check_backend(self.backend)
 
     @property
     def neurons_per_tree(self) -> int:
@@ -65,13 +100,40 @@ class NeuronTree(EagerKernel, RoutedLayer):
 
     @property
     def training_width(self) -> int:
-        """All neurons: ``trees * (2**(depth+1) - 1)``."""
-        return self.trees * self.neurons_per_tree
+        """All neurons: ``trees * (2**(depth+1) - 1)`` (+ ``dense_slice``)."""
+        return self.trees * self.neurons_per_tree + self.dense_slice
 
     @property
     def neurons_per_inference(self) -> int:
-        """Neurons evaluated per row: ``trees * (depth + 1)``."""
-        return self.trees * (self.depth + 1)
+        """Neurons evaluated per row: ``trees * (depth + 1)`` (+ ``dense_slice``)."""
+        return self.trees * (self.depth + 1) + self.dense_slice
+
+    def routed_options(self) -> dict:
+        """The routing options in use, as the backends take them: ``route_bias`` (the buffer) when
+        the update rate is > 0, ``gate=True`` for ``gate="path"``; {} for a plain tree."""
+        options = {}
+        if "route_bias" in self._buffers:
+            options["route_bias"] = self._buffers["route_bias"]
+        if self.gate == "path":
+            options["gate"] = True
+        return options
+
+    def _check_backend(self, name) -> None:
+        """ValueError if backend ``name`` cannot run this layer's routing options."""
+        if name in (None, "auto", *ROUTED_OPTION_BACKENDS):
+            return
+        used = ([f"route_bias={self.route_bias_rate}"] if "route_bias" in self._buffers else []) + \
+            (["gate='path'"] if self.gate == "path" else [])
+        raise ValueError(f"NeuronTree options {' and '.join(used)} run on the 'torch' and 'reference' backends only; "
+                         f"backend {name!r} does not implement them (backend 'auto' or None runs them on 'torch')")
+
+    def _backend(self, training: bool):
+        """The backend of this forward (``kernels.resolve``); with routing options in use, one that
+        implements them (``"auto"`` -> ``"torch"``)."""
+        backend = kernels.resolve(self.backend, training=training)
+        if self.routed_options() and backend is not kernels.AUTO:
+            self._check_backend(next(n for n, m in kernels.BACKENDS.items() if m is backend))
+        return backend
 
     def reset_usage(self) -> None:
         """Zero the usage counter (no-op without ``usage``)."""
@@ -81,22 +143,60 @@ class NeuronTree(EagerKernel, RoutedLayer):
     def _eager_config(self) -> tuple:
         return (self.activation,)
 
-    def _prepare_eager(self):
-        return self._prepared(kernels.cpu.prepare_neuron_tree, ("w_in", "b_in", "w_out", "b_out"))
+    def _eager_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.routed_options():          # no prepared path computes the routing options
+            return None
+        return super()._eager_forward(x)
+
+    def _prepare_eager(self, backend):
+        tree = self._prepared(backend, "neuron_tree", ("w_in", "b_in", "w_out", "b_out"))
+        if tree is None or self.dense is None:
+            return tree
+
+        def with_dense_slice(x):
+            y = tree(x)
+            return None if y is None else y + self.dense(x)
+        return with_dense_slice
 
     def _forward_2d(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._tree(x)
+        return y if self.dense is None else y + self.dense(x)
+
+    def _tree(self, x: torch.Tensor) -> torch.Tensor:
+        options = self.routed_options()
         if not self.training:
-            return kernels.resolve(self.backend).neuron_tree(
+            return self._backend(False).neuron_tree(
                 x, self._param("w_in"), self._param("b_in"), self._param("w_out"), self._param("b_out"),
-                self.activation)
-        y, nodes = kernels.resolve(self.backend, training=True).neuron_tree_paths(
-            x, self.w_in, self.b_in, self.w_out, self.b_out, self.activation)
+                self.activation, **options)
+        y, nodes, pre = self._backend(True).neuron_tree_paths(
+            x, self.w_in, self.b_in, self.w_out, self.b_out, self.activation, preactivations=True, **options)
         if self.usage == "hard":
             rows = (nodes + torch.arange(self.trees, device=x.device)[:, None] * self.neurons_per_tree).flatten()
             self.neuron_usage.view(-1).index_add_(0, rows, torch.ones_like(rows, dtype=self.neuron_usage.dtype))
+        self._record(nodes, pre, options.get("route_bias"))
         return y
 
+    def _record(self, nodes: torch.Tensor, pre: torch.Tensor, route_bias: torch.Tensor | None) -> None:
+        """``aux["node_balance"]`` of this training forward, then the ``route_bias`` update (see the
+        class docstring). nodes, pre (B, K, D+1): the visited nodes and their pre-activations."""
+        (B, K, _), D, M = nodes.shape, self.depth, self.neurons_per_tree
+        decided = nodes[..., :D]                                         # the levels whose decision routes
+        index = (decided + torch.arange(K, device=nodes.device)[:, None] * M).flatten()
+        logits = tree_routing_logits(pre[..., :D], decided, route_bias)
+        reached = pre.new_zeros(K * M).index_add_(0, index, torch.ones_like(index, dtype=pre.dtype))
+        mean = pre.new_zeros(K * M).index_add(0, index, torch.sigmoid(logits).flatten()) / reached.clamp_min(1)
+        self.aux = {"node_balance": (reached / max(1, B) * (mean - 0.5).square()).view(K, M)}
+        if route_bias is not None and D > 0:
+            with torch.no_grad():
+                right = pre.new_zeros(K * M).index_add_(0, index, (nodes[..., 1:] % 2 == 0).flatten().to(pre.dtype))
+                step = (2 * right - reached).sign()                     # sign(f - 1/2); 0 where unreached
+                route_bias.view(-1).sub_(self.route_bias_rate * step.to(route_bias.dtype))
+
     def extra_repr(self) -> str:
+        extra = [f"usage={self.usage!r}"] if self.usage is not None else []
+        extra += [f"route_bias={self.route_bias_rate}"] if self.route_bias_rate > 0 else []
+        extra += [f"gate={self.gate!r}"] if self.gate != "none" else []
+        extra += [f"dense_slice={self.dense_slice}"] if self.dense_slice else []
         return (f"in_features={self.in_features}, out_features={self.out_features}, depth={self.depth}, "
                 f"trees={self.trees}, activation={self.activation!r}, bias={self.b_out is not None}"
-                + ("" if self.usage is None else f", usage={self.usage!r}"))
+                + "".join(", " + e for e in extra))

@@ -31,12 +31,12 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .._checks import check_int
-from ..functional import ACTIVATIONS, hard_path
+from ..functional import ACTIVATIONS, go_right, hard_path, left_child, n_nodes
 from ..layers.dense import DenseFF
 from ..layers.fff import FFF
+from ..progress import progress as progress_bar
 from .integrate import DenseWeights, dense_weights
 
 __all__ = ["Carved", "carve", "distill", "route_leaves", "neuron_importance", "as_dense", "routing_parameters"]
@@ -194,7 +194,7 @@ def _fit_node(xt: torch.Tensor, cap_left: torch.Tensor, cap_right: torch.Tensor,
         b = torch.tensor(1.0 if xt.shape[0] == 0 or bool(label[0]) else -1.0, dtype=xt.dtype)
         return zero, b, torch.full((xt.shape[0],), bool(b > 0))
     w, b = _fit_hyperplane(xt, label, margin.abs() + 1e-3 * margin.abs().mean(), l2, iters)
-    return w, b, xt @ w + b >= 0
+    return w, b, go_right(xt @ w + b)
 
 
 def _grow(x, cap, order, depth, l2, iters):
@@ -212,12 +212,13 @@ def _grow(x, cap, order, depth, l2, iters):
         right_g = _bisect(m) if order is None else torch.arange(gids.numel()) >= half
         w, b, right = _fit_node(x[tokens], m[:, ~right_g].sum(1), m[:, right_g].sum(1), l2, iters)
         node_w[node], node_b[node] = w, b
-        groups[2 * node + 1] = (gids[~right_g], tokens[~right])
-        groups[2 * node + 2] = (gids[right_g], tokens[right])
+        left = left_child(node)
+        groups[left] = (gids[~right_g], tokens[~right])
+        groups[left + 1] = (gids[right_g], tokens[right])
     leaf_of_token = torch.empty(x.shape[0], dtype=torch.long)
     leaf_group = torch.empty(n_leaves, dtype=torch.long)
     for leaf in range(n_leaves):
-        gids, tokens = groups[n_leaves - 1 + leaf]
+        gids, tokens = groups[n_nodes(depth) + leaf]
         leaf_group[leaf] = gids[0]
         leaf_of_token[tokens] = leaf
     return node_w, node_b, leaf_group, leaf_of_token
@@ -437,7 +438,7 @@ def distill(layer: FFF | DenseFF, dense_ffn, inputs: torch.Tensor, steps: int = 
         was = layer.training
         layer.eval()
         try:
-            for _ in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
+            for _ in progress_bar(range(steps), desc=desc, disable=not progress, leave=False):
                 idx = torch.randint(0, inputs.shape[0], (min(batch_size, inputs.shape[0]),), generator=gen)
                 loss = weighted_sq(layer(inputs[idx]) - target[idx], idx) / idx.numel()
                 opt.zero_grad()

@@ -1,8 +1,8 @@
 """A small decoder-only transformer (GPT) whose feedforward blocks are chosen by name.
 
 Every block is pre-LayerNorm: ``x + attn(ln1(x))`` then ``x + ffn(ln2(x))``; the FFN is built by
-``fastff.layers.make_ffn`` (``dense``, ``fff``, ``neuron-tree``, ``moe``), so the same model
-trains with a dense or a fast feedforward. Token + learned position embeddings, a final
+its family (``fastff.layers.families``: ``dense``, ``fff``, ``neuron-tree``, ``moe``, ...), so the
+same model trains with a dense or a fast feedforward. Token + learned position embeddings, a final
 LayerNorm and an output head tied to the token embedding.
 
 Generation keeps a key/value cache (``KVCache``): the prompt is run once, then each new token
@@ -11,7 +11,6 @@ costs one position. Shapes: ``B`` batch, ``T`` tokens, ``C = dim``, ``H`` heads,
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field, fields
 
@@ -19,9 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._checks import check_choice, check_fraction, check_int
-from ..functional import ACTIVATIONS
-from ..layers import FFN_KINDS, make_ffn
+from .._checks import check_bool, check_fraction, check_int
+from ..layers.families import family
 
 INIT_STD = 0.02
 
@@ -29,11 +27,13 @@ INIT_STD = 0.02
 @dataclass
 class GPTConfig:
     """Model shape and feedforward choice. ``dataclasses.asdict(cfg)`` is plain JSON and
-    ``GPTConfig(**that_dict)`` rebuilds it.
+    ``GPTConfig.from_dict`` rebuilds it.
 
-    ``ffn_width`` is the training width of each block's FFN (default ``4 * dim``); ``leaf``,
-    ``trees``, ``depth``, ``top_k``, ``activation`` and ``ffn_options`` (e.g.
-    ``{"train_mode": "hard_path", "master_leaf": "token"}``) go to ``make_ffn``.
+    ``ffn`` names a feedforward family (``fastff.layers.FAMILIES``), ``ffn_width`` is each block's
+    FFN training width (default ``4 * dim``) and ``ffn_options`` the family's options (e.g.
+    ``{"train_mode": "hard_path", "master_leaf": "token"}`` for ``fff``), completed with the
+    family's defaults and checked on construction. ``usage_counters``: the feedforwards count
+    their usage (what ``LocalAdam`` reads; ``Family.local_usage``).
     """
     vocab_size: int
     context: int
@@ -43,41 +43,54 @@ class GPTConfig:
     dropout: float = 0.0
     ffn: str = "dense"
     ffn_width: int | None = None
-    leaf: int = 8
-    trees: int = 1
-    depth: int | None = None
-    top_k: int = 1
-    activation: str = "gelu"
     ffn_options: dict = field(default_factory=dict)
+    usage_counters: bool = False
 
     def __post_init__(self):
-        for name in ("vocab_size", "context", "layers", "heads", "dim", "leaf", "trees", "top_k"):
+        for name in ("vocab_size", "context", "layers", "heads", "dim"):
             check_int(name, getattr(self, name), 1)
         if self.dim % self.heads:
             raise ValueError(f"dim must be divisible by heads, got dim={self.dim}, heads={self.heads}")
         check_fraction("dropout", self.dropout, high=0.99)
-        check_choice("ffn", self.ffn, FFN_KINDS)
-        check_choice("activation", self.activation, tuple(ACTIVATIONS))
+        check_bool("usage_counters", self.usage_counters)
+        fam = family(self.ffn)
+        self.ffn = fam.name
         if self.ffn_width is None:
             self.ffn_width = 4 * self.dim
         check_int("ffn_width", self.ffn_width, 1)
-        if self.depth is not None:
-            check_int("depth", self.depth, 0)
-        if not isinstance(self.ffn_options, dict) or not all(isinstance(k, str) for k in self.ffn_options):
-            raise ValueError(f"ffn_options must be a dict with string keys, got {self.ffn_options!r}")
-        try:
-            json.dumps(self.ffn_options)
-        except TypeError as e:
-            raise ValueError(f"ffn_options must hold JSON values (numbers, strings, ...), got "
-                             f"{self.ffn_options!r}: {e}") from None
+        if not isinstance(self.ffn_options, dict):
+            raise ValueError(f"ffn_options must be a dict of {fam.name} options, got {self.ffn_options!r}")
+        self.ffn_options = fam.resolve(self.ffn_width, self.ffn_options)
+
+    @property
+    def local_usage(self) -> str | None:
+        """The ``usage`` the feedforwards are built with (None: no counters)."""
+        return family(self.ffn).local_usage if self.usage_counters else None
 
     @classmethod
     def from_dict(cls, values: dict) -> "GPTConfig":
-        """Rebuild from ``dataclasses.asdict(cfg)`` (e.g. read from a checkpoint's JSON)."""
+        """Rebuild from ``dataclasses.asdict(cfg)`` (e.g. read from a run's config.json); the
+        earlier flat feedforward fields (``leaf``, ``trees``, ``depth``, ``top_k``, ``activation``)
+        move into ``ffn_options``."""
+        values = dict(values)
+        options = dict(values.pop("ffn_options", None) or {})
+        if options.pop("usage", None) is not None:
+            values["usage_counters"] = True
+        fam = family(values.get("ffn", "dense"))
+        for name in FLAT_FFN_FIELDS:
+            if name in values:
+                value = values.pop(name)
+                if fam.option(name) is not None:
+                    options.setdefault(name, value)
         unknown = sorted(set(values) - {f.name for f in fields(cls)})
         if unknown:
-            raise ValueError(f"unknown GPTConfig field(s) {unknown}")
-        return cls(**values)
+            raise ValueError(f"unknown GPTConfig field(s) {unknown}; the model section takes "
+                             f"{', '.join(f.name for f in fields(cls))}")
+        return cls(**values, ffn_options=options)
+
+
+# feedforward fields that configs of the earlier format kept outside ``ffn_options``
+FLAT_FFN_FIELDS = ("leaf", "trees", "depth", "top_k", "activation")
 
 
 class KVCache:
@@ -146,6 +159,13 @@ class CausalSelfAttention(nn.Module):
         return self.resid_drop(self.proj(y))
 
 
+class NoFFN(nn.Module):
+    """A feedforward that adds nothing (x -> 0): a model's time outside its feedforwards (the Amdahl ceiling)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+
 class Block(nn.Module):
     """Pre-LayerNorm transformer block: x (B, T, C) -> (B, T, C)."""
 
@@ -154,11 +174,8 @@ class Block(nn.Module):
         self.ln1 = nn.LayerNorm(cfg.dim)
         self.attn = CausalSelfAttention(cfg)
         self.ln2 = nn.LayerNorm(cfg.dim)
-        try:
-            self.ffn = make_ffn(cfg.ffn, cfg.dim, cfg.dim, cfg.ffn_width, leaf=cfg.leaf, trees=cfg.trees,
-                                depth=cfg.depth, top_k=cfg.top_k, activation=cfg.activation, **cfg.ffn_options)
-        except TypeError as e:   # an option the chosen layer does not take
-            raise ValueError(f"ffn_options {cfg.ffn_options} do not fit ffn={cfg.ffn!r}: {e}") from None
+        runtime = {} if cfg.local_usage is None else {"usage": cfg.local_usage}
+        self.ffn = family(cfg.ffn).build(cfg.dim, cfg.dim, cfg.ffn_width, cfg.ffn_options, **runtime)
         self.ffn_drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:

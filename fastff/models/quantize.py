@@ -1,6 +1,8 @@
 """int8 dynamic quantization, what a CPU user tries first (``torch.ao.quantization.quantize_dynamic``:
-int8 weights, activations quantized per call), applied to every ``nn.Linear`` outside fastff's
-layers: all of a dense model, the attention and other projections of a converted one."""
+int8 weights, activations quantized per call), applied to the ``nn.Linear`` layers outside
+fastff's feedforwards: all of a dense model, the attention and other projections of a converted
+one; with ``feedforwards=True`` also inside the feedforwards whose family allows it
+(``Family.int8``: the dense ones)."""
 from __future__ import annotations
 
 import copy
@@ -9,18 +11,19 @@ import warnings
 import torch
 from torch import nn
 
-from ..layers.dense import DenseFF
-from ..layers.fff import FFF
-from ..layers.moe import MoE
-from ..layers.neuron_tree import NeuronTree
+from ..layers.families import FAMILIES
 
-__all__ = ["quantize_int8", "int8_linear_names", "FASTFF_LAYERS"]
-
-FASTFF_LAYERS = (FFF, NeuronTree, MoE, DenseFF)
+__all__ = ["quantize_int8", "int8_linear_names"]
 
 
-def int8_linear_names(model: nn.Module, keep: tuple[type, ...] = FASTFF_LAYERS) -> list[str]:
-    """Module paths of the ``nn.Linear`` layers of ``model`` not inside a layer of a ``keep`` type."""
+def _kept(feedforwards: bool) -> tuple[type, ...]:
+    """Layer classes whose ``nn.Linear`` layers stay float."""
+    return tuple(f.layer for f in FAMILIES.values() if not (feedforwards and f.int8))
+
+
+def int8_linear_names(model: nn.Module, feedforwards: bool = False) -> list[str]:
+    """Module paths of the ``nn.Linear`` layers of ``model`` that ``quantize_int8`` converts."""
+    keep = _kept(feedforwards)
     inside: list[str] = []
     names = []
     for name, m in model.named_modules():
@@ -33,12 +36,11 @@ def int8_linear_names(model: nn.Module, keep: tuple[type, ...] = FASTFF_LAYERS) 
     return names
 
 
-def quantize_int8(model: nn.Module, keep: tuple[type, ...] = FASTFF_LAYERS) -> nn.Module:
+def quantize_int8(model: nn.Module, feedforwards: bool = False) -> nn.Module:
     """A copy of ``model`` (eval mode) whose ``int8_linear_names`` layers are dynamically quantized
-    to int8 (per-tensor weights, CPU); layers of the ``keep`` types stay float (default: fastff's
-    FFF, NeuronTree, MoE and DenseFF, e.g. a pruned FFN; pass ``keep=(FFF, NeuronTree, MoE)`` to
-    quantize DenseFF feedforwards too)."""
-    names = set(int8_linear_names(model, keep))
+    to int8 (per-tensor weights, CPU). fastff feedforwards stay float (a pruned ``DenseFF`` too),
+    unless ``feedforwards``: then those whose family has ``int8=True`` (``DenseFF``) are quantized."""
+    names = set(int8_linear_names(model, feedforwards))
     if not names:
         raise ValueError(f"{type(model).__name__} has no nn.Linear outside fastff layers to quantize")
     with warnings.catch_warnings():                  # torch.ao's eager quantization warns it is deprecated

@@ -21,11 +21,11 @@ from typing import Callable, Iterable, NamedTuple
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .._checks import check_choice, check_int
 from ..layers.dense import DenseFF
 from ..layers.fff import FFF
+from ..progress import progress as progress_bar
 from .convert import routing_parameters
 from .integrate import DenseWeights, ffn_input_module, find_ffn, swap_ffn
 
@@ -109,7 +109,7 @@ def convert_blocks(model: nn.Module, batches: list[dict], make_layer: Callable[[
         raise ValueError("target='residual' needs BERT-style blocks (the residual is the FFN input)")
     dense_in = ffn_inputs(model, batches) if target == "residual" or not sequential else {}
     student = copy.deepcopy(model)
-    for name, kind, dense in tqdm(blocks, desc="convert blocks", disable=not progress, leave=False):
+    for name, kind, dense in progress_bar(blocks, desc="convert blocks", disable=not progress, leave=False):
         x = ffn_inputs(student, batches, [name])[name] if sequential else dense_in[name]
         with torch.no_grad():
             y = dense(x) if target == "local" else dense_in[name] + dense(dense_in[name]) - x
@@ -216,7 +216,8 @@ def distill_model(student: nn.Module, teacher: nn.Module, batches: list[dict], s
     try:
         if val_batches:
             validate(0)
-        for step, i in zip(tqdm(range(1, steps + 1), desc="distill model", disable=not progress, leave=False), order):
+        bar = progress_bar(range(1, steps + 1), desc="distill model", disable=not progress, leave=False)
+        for step, i in zip(bar, order):
             loss = _distill_loss(student, teacher, batches[i], hidden_weight)
             opt.zero_grad()
             loss.backward()

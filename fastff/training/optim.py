@@ -22,37 +22,31 @@ the same maths with torch row gathers.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
-from numba import njit, prange
 from torch import nn
 
 from .._checks import check_fraction
+from ..kernels.numba.local_step import local_step
 from ..threads import follow_torch_threads
-from ..layers import FFF, NeuronTree
-
-# the usage counting a tree layer needs under a local optimiser, by ``make_ffn`` kind
-LOCAL_USAGE = {"fff": "soft", "neuron-tree": "hard"}
-_BLOCKS = {FFF: (("leaf_usage", ("w1", "b1", "w2", "b2")), ("node_usage", ("node_w", "node_b"))),
-           NeuronTree: (("neuron_usage", ("w_in", "b_in", "w_out")),)}
+from ..layers.families import family_of
 
 
 def _block_params(model: nn.Module) -> dict[nn.Parameter, tuple[nn.Module, str]]:
-    """Parameter -> (layer, name of the usage buffer whose entries index its leading dims)."""
+    """Parameter -> (layer, name of the usage buffer whose entries index its leading dims), for
+    the blocks of every layer whose family declares them (``Family.local_blocks``)."""
     blocks = {}
     for module in model.modules():
-        for cls, groups in _BLOCKS.items():
-            if isinstance(module, cls):
-                if module.usage is None:
-                    usage = LOCAL_USAGE["fff" if cls is FFF else "neuron-tree"]
-                    raise ValueError(f"local optimisation needs usage tracking; build the {cls.__name__} "
-                                     f"with usage={usage!r} (got usage=None)")
-                for buffer, names in groups:
-                    for name in names:
-                        if getattr(module, name) is not None:
-                            blocks[getattr(module, name)] = (module, buffer)
+        fam = family_of(module)
+        if fam is None or not fam.local_blocks:
+            continue
+        if module.usage is None:
+            raise ValueError(f"local optimisation needs usage tracking; build the {type(module).__name__} "
+                             f"with usage={fam.local_usage!r} (got usage=None)")
+        for buffer, names in fam.local_blocks:
+            for name in names:
+                if getattr(module, name) is not None:
+                    blocks[getattr(module, name)] = (module, buffer)
     return blocks
 
 
@@ -115,7 +109,7 @@ class _Local(torch.optim.Optimizer):
         state = self._adam_state(p, flat) if adam else {}
         (b1, b2), eps = group.get("betas", (0.0, 0.0)), group.get("eps", 0.0)
         empty = np.empty((0, 0), dtype=_np(flat).dtype)
-        _nb_local_step(_np(flat), _np(grad.contiguous()), _np(acc), _np(state["exp_avg"]) if adam else empty,
+        local_step(_np(flat), _np(grad.contiguous()), _np(acc), _np(state["exp_avg"]) if adam else empty,
                        _np(state["exp_avg_sq"]) if adam else empty,
                        _np(state["steps"]) if adam else np.empty(0, dtype=_np(flat).dtype),
                        _np(pending.contiguous()), self.local_batch_size, group["lr"], b1, b2, eps, adam)
@@ -130,31 +124,6 @@ def _np(t: torch.Tensor) -> np.ndarray:
     """Numpy view sharing memory (in-place kernel updates land in the tensor)."""
     assert t.is_contiguous()
     return t.detach().numpy()
-
-
-@njit(parallel=True, fastmath=True, cache=True)
-def _nb_local_step(p, g, acc, m, v, steps, pending, lbs, lr, b1, b2, eps, adam):
-    """Per block row j: if pending[j] < lbs, acc[j] += g[j]; else step row j with
-    (acc[j] + g[j])·lbs/pending[j] (SGD, or Adam with the row's own moments and step count)
-    and clear acc[j]. All arrays (blocks, cols) except steps, pending (blocks,)."""
-    for j in prange(p.shape[0]):
-        if pending[j] < lbs:
-            for c in range(p.shape[1]):
-                acc[j, c] += g[j, c]
-            continue
-        scale = lbs / pending[j]
-        if adam:
-            steps[j] += 1
-            c1, c2 = 1 - b1 ** steps[j], 1 - b2 ** steps[j]
-        for c in range(p.shape[1]):
-            gg = (acc[j, c] + g[j, c]) * scale
-            acc[j, c] = 0
-            if adam:
-                m[j, c] = b1 * m[j, c] + (1 - b1) * gg
-                v[j, c] = b2 * v[j, c] + (1 - b2) * gg * gg
-                p[j, c] -= lr / c1 * m[j, c] / (math.sqrt(v[j, c] / c2) + eps)
-            else:
-                p[j, c] -= lr * gg
 
 
 class LocalSGD(_Local):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..functional import go_right, n_nodes
+from ..functional import go_right, left_child, n_nodes
 from ..layers.fff import FFF
 
 ROUTING_INITS = ("none", "pca")
@@ -37,4 +37,5 @@ def pca_routing_init(layer: FFF, x: torch.Tensor, logit_std: float = 1.0, iters:
             layer.node_w[node] = v * scale
             layer.node_b[node] = -(proj * scale).median()
         right = go_right(xr @ layer.node_w[node] + layer.node_b[node])
-        rows[2 * node + 1], rows[2 * node + 2] = xr[~right], xr[right]
+        left = left_child(node)
+        rows[left], rows[left + 1] = xr[~right], xr[right]

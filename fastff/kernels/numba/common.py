@@ -79,11 +79,11 @@ def act(a, code):
 _SQRT_HALF, _INV_SQRT_2PI, _TANH_K = 1 / math.sqrt(2), 1 / math.sqrt(2 * math.pi), math.sqrt(2 / math.pi)
 
 
-@njit(inline="always", fastmath=True)
+@njit(inline="always", **JIT)
 def act_grad(a, code):
     """(activation, its derivative) at ``a``, in ``a``'s type (the training kernels' ``act``)."""
-    if code == 0:
-        return (a, 1.0) if a > 0 else (0.0 * a, 0.0)
+    if code == 0:                                       # like torch: NaN passes (derivative 1), -inf gives 0
+        return (a, 1.0) if a > 0 or a != a else (like(a, 0.0), 0.0)
     if code == 1:
         cdf = 0.5 * (1.0 + math.erf(a * _SQRT_HALF))
         return a * cdf, cdf + a * _INV_SQRT_2PI * math.exp(-0.5 * a * a)

@@ -10,17 +10,18 @@ and backward touch only the weight rows a row uses.
   per pass over the row; per node, ``top_partials`` / ``deep_outer`` (weight gradients).
 - ``leaf_forward`` / ``leaf_backward``: FFF leaves on their grouped rows as segment GEMMs.
 
-Each weight-gradient row is owned by one thread: no races, no (B, S, F) temporaries.
+Each weight-gradient row is owned by one thread: no races, no (B, S, F) temporaries. Compiled
+with ``common.FASTMATH`` like every kernel, so NaN / inf propagate as in torch.
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
 
-from .common import act_grad, axpy, dot4, dot_plus, first_child, gather_gemv, node_rows, segment_axpy
+from .common import FASTMATH, act_grad, axpy, dot4, dot_plus, first_child, gather_gemv, node_rows, segment_axpy
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
 def path_dots(v, w, idx, order, out):
     """out[r, s] = v[r] · w[idx[r, s]] (v (B, F), w (R, F), idx, out (B, S)): a row's dot products
     with the weight rows of its path, four weight rows per pass over v[r]; rows taken in
@@ -39,7 +40,7 @@ def path_dots(v, w, idx, order, out):
             out[r, q] = dot_plus(vr, w[ir[q]], zero)
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
 def path_combine(c, w, idx, order, out):
     """out[r] = Σ_s c[r, s] · w[idx[r, s]] (input gradient through a row's visited weight rows;
     c, idx (B, S), w (R, F)), rows taken in ``order`` (neighbours share weight rows)."""
@@ -49,7 +50,7 @@ def path_combine(c, w, idx, order, out):
         gather_gemv(out[r], c[r], w, idx[r])
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
 def nt_act_grads(pre, gh, code, da, h):
     """da = gh · act'(pre), h = act(pre), elementwise (B, K, T)."""
     for r in prange(pre.shape[0]):
@@ -60,7 +61,7 @@ def nt_act_grads(pre, gh, code, da, h):
                 da[r, k, t] = gh[r, k, t] * dv
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
 def top_partials(c, v, nodes, order, split, chunk, partial, partial_b):
     """Weight gradients of the nodes above level ``split`` (the ones with many rows), as partial
     sums: chunk i of ``chunk`` sorted rows adds c[r, k, t] · v[r] into partial[i, k, nodes[r, k, t]]
@@ -78,7 +79,7 @@ def top_partials(c, v, nodes, order, split, chunk, partial, partial_b):
                     partial_b[i, k, n] += c[r, k, t]
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
 def deep_outer(c, v, order, starts, split, gw, gb):
     """gw[k, n] = Σ_{r visits n} c[r, k, t_n] · v[r] and gb[k, n] = Σ c for the nodes on levels
     >= ``split``, in parallel over the subtrees under level ``split``: a subtree's rows are
@@ -103,7 +104,7 @@ def deep_outer(c, v, order, starts, split, gw, gb):
             first = first_child(first)
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=FASTMATH, cache=True)
 def gather_rows(x, rows):
     """x[rows] as a contiguous (len(rows), F) copy."""
     out = np.empty((rows.shape[0], x.shape[1]), dtype=x.dtype)
@@ -112,7 +113,7 @@ def gather_rows(x, rows):
     return out
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
 def leaf_forward(x, w1, b1, w2, b2, gate, mask, code, order, starts, a, leaf_out, y):
     """Rows grouped by leaf (order/starts). Per leaf l, on its rows X_l (a segment GEMM via
     BLAS): A = X_l @ w1[l] + b1[l], leaf_out = (act(A)·mask) @ w2[l] + b2[l], y = gate·leaf_out;
@@ -137,7 +138,7 @@ def leaf_forward(x, w1, b1, w2, b2, gate, mask, code, order, starts, a, leaf_out
                 y[r, o] = gate[r] * leaf_out[r, o]
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
 def leaf_backward(x, g, w1, w2, gate, mask, code, order, starts, a, leaf_out,
                   gx, dw1, db1, dw2, db2, ggate):
     """Backward of ``leaf_forward``, segment GEMMs per leaf; each leaf's gradients are

@@ -1,0 +1,77 @@
+"""Command-line options every command declares the same way: ``--threads``, the run directory
+flags (``--out``, ``--resume``, ``--overwrite``) and the feedforward family with its options,
+generated from the family registry (``fastff.layers.families``)."""
+from __future__ import annotations
+
+import argparse
+
+from ..layers.families import FAMILIES, family
+from ..threads import set_threads
+
+
+def add_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch and numba threads (default: torch's own count, normally one per core)")
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """Apply ``--threads`` (if given); ValueError for a count below 1."""
+    n = getattr(args, "threads", None)
+    if n is None:
+        return
+    if n < 1:
+        raise ValueError(f"--threads must be >= 1, got {n}; leave it out to use torch's default")
+    set_threads(n)
+
+
+def add_run_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="run directory (created before training; must not hold a run)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in --out from its checkpoint (same options)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+
+
+PREFIX = "ffn_option_"   # argparse destination of a family option's flag
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_ffn_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One ``--option`` flag per option name of the registered families (default: none given, so
+    the family's or the command's default applies); the help says which families take it.
+    ``skip``: option names the command sets itself (e.g. ``fastff bench --depth``)."""
+    seen: dict[str, list] = {}
+    for fam in FAMILIES.values():
+        for o in fam.options:
+            if o.name not in skip:
+                seen.setdefault(o.name, []).append((fam, o))
+    for name, uses in seen.items():
+        o = uses[0][1]
+        owners = ", ".join(f.name for f, _ in uses)
+        kwargs = dict(default=None, dest=f"{PREFIX}{name}", help=f"[{owners}] {o.help}"
+                      + ("" if o.default is None else f" (default {o.default})"))
+        if o.type is bool:
+            p.add_argument(_flag(name), action=argparse.BooleanOptionalAction, **kwargs)
+        else:
+            p.add_argument(_flag(name), type=o.type, choices=o.choices, **kwargs)
+
+
+def given_ffn_options(args: argparse.Namespace) -> dict:
+    """The feedforward options given on the command line: {option name: value}."""
+    return {k.removeprefix(PREFIX): v for k, v in vars(args).items() if k.startswith(PREFIX) and v is not None}
+
+
+def ffn_options(args: argparse.Namespace, name: str, strict: bool = True) -> dict:
+    """The options given for family ``name``; ``strict``: an option the family does not take is
+    an error naming the flags it does take (otherwise it is left out, for commands that build
+    several families from one command line)."""
+    fam = family(name)
+    given = given_ffn_options(args)
+    foreign = sorted(k for k in given if fam.option(k) is None)
+    if strict and foreign:
+        takes = ", ".join(_flag(o.name) for o in fam.options) or "none"
+        raise ValueError(f"{', '.join(map(_flag, foreign))} do(es) not apply to --ffn {fam.name}; "
+                         f"{fam.name} takes {takes}")
+    return {k: v for k, v in given.items() if fam.option(k) is not None}

@@ -1,0 +1,285 @@
+"""`fastff lm experiment --regime long`: the regime where conditional capacity can pay.
+
+A 4-layer, dim-128 character GPT (full dense FFN 512 neurons) trained 5000 steps of 16 x 128
+tokens (10.2M tokens) per run, long enough that conditional layers (MoE, trees, product keys)
+can use their width. Stages:
+
+- ``tune``: learning rates {1e-3, 2e-3, 4e-3, 8e-3} per tuning group, 1000 steps, the first corpus
+  validation only, seed 0;
+- ``main``: the main rows (``MAIN``), every corpus of ``--corpora`` x ``--seeds`` seeds;
+- ``ablation``: the tree remedies (``ABLATIONS``), Shakespeare, seed 0;
+- ``report``: tables (mean ± std over seeds), capacity diagnostics per variant (units reached
+  at the deepest level, dead units, per layer), the auto-pruning curves (dead fraction vs step)
+  and the targets, into ``--results``/lm_long.md.
+
+Every run is a run directory of the run core: finished runs are skipped, interrupted ones resume
+from their checkpoint, so the grid continues where it stopped. The MoE control must beat the
+dense FFN of equal active neurons by more than seed noise, or the regime is not capacity-bound.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from ..data.text import CORPORA, load_corpus, split_text
+from .lm_grid import Grid, load_runs
+
+SHAPE = dict(layers=4, dim=128, heads=4, context=128)
+BATCH, STEPS, TUNE_STEPS, EVALS = 16, 5000, 1000, 20
+LRS = (1e-3, 2e-3, 4e-3, 8e-3)
+FULL_DENSE = 512
+
+# name -> (tuning group, GPTConfig feedforward fields, LMTrainConfig overrides)
+VARIANTS = {
+    "dense-512": ("dense", dict(ffn="dense", ffn_width=512), {}),
+    "dense-48": ("dense-small", dict(ffn="dense", ffn_width=48), {}),
+    "dense-32": ("dense-small", dict(ffn="dense", ffn_width=32), {}),
+    "dense-20": ("dense-small", dict(ffn="dense", ffn_width=20), {}),
+    # MoE control: 16 experts of 32, top-1: 16 router + 32 expert neurons per token (= dense-48)
+    "moe-16x32": ("moe", dict(ffn="moe", ffn_width=512, ffn_options=dict(leaf=32, top_k=1)), dict(balance=0.01)),
+    "neuron-tree-1x9": ("neuron-tree", dict(ffn="neuron-tree", ffn_width=1023, ffn_options=dict(depth=9)), {}),
+    "neuron-tree-2x9": ("neuron-tree", dict(ffn="neuron-tree", ffn_width=2046, ffn_options=dict(trees=2, depth=9)),
+                        {}),
+    # FFF trained on its hard path, gate-scaled leaves: 4 nodes + 16 leaf neurons = 20 per token
+    "fff-d4-l16": ("fff", dict(ffn="fff", ffn_width=256, ffn_options=dict(leaf=16, train_mode="hard_path")),
+                   dict(balance=0.01)),
+}
+MAIN = ("dense-512", "dense-20", "dense-48", "moe-16x32", "fff-d4-l16", "neuron-tree-2x9")
+# tree remedies and shapes, each a variation of a MAIN tree: name -> (base variant, fields, overrides)
+ABLATIONS = {
+    "neuron-tree-1x9": ("neuron-tree-1x9", {}, {}),
+    "nt-2x9-tanh": ("neuron-tree-2x9", dict(ffn_options=dict(trees=2, depth=9, activation="tanh")), {}),
+    "nt-2x9-identity": ("neuron-tree-2x9", dict(ffn_options=dict(trees=2, depth=9, activation="identity")), {}),
+    "nt-4x7": ("neuron-tree-2x9", dict(ffn_width=1020, ffn_options=dict(trees=4, depth=7)), {}),
+    "nt-2x9-local-adam": ("neuron-tree-2x9", {}, dict(optimizer="local-adam", weight_decay=0.0)),
+    "fff-d4-l16-no-balance": ("fff-d4-l16", {}, dict(balance=0.0)),
+    "fff-d4-l32": ("fff-d4-l16", dict(ffn_width=512, ffn_options=dict(leaf=32, train_mode="hard_path")), {}),
+}
+STAGES = ("tune", "main", "ablation", "report")
+# Run directories live in the repository (their weights and checkpoints are git-ignored there), so
+# the finished runs' configs and metrics are committed and a later checkout skips them.
+RUNS = "docs/results/lm_long_runs"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The long regime's own options (``fastff lm experiment --regime long``)."""
+    p.add_argument("--corpora", default="shakespeare,fortunes",
+                   help=f"comma-separated corpora of the main rows (of {', '.join(CORPORA)}); the first tunes")
+
+
+def variant_of(name: str) -> tuple[str, dict, dict]:
+    """(tuning group, feedforward fields, training overrides) of a variant or an ablation."""
+    if name in ABLATIONS:
+        base, fields, overrides = ABLATIONS[name]
+        group, base_fields, base_overrides = VARIANTS[base]
+        return group, base_fields | fields, base_overrides | overrides
+    return VARIANTS[name]
+
+
+def _shape_args(args) -> None:
+    for k, v in SHAPE.items():
+        setattr(args, k, v)
+    args.batch = BATCH
+
+
+def run(args) -> int:
+    _shape_args(args)   # the regime fixes the model shape and batch
+    lrs_given = [float(v) for v in args.lrs.split(",") if v.strip()] if args.lrs else list(LRS)
+    stages = set(args.stages.split(",")) if args.stages else set(STAGES)
+    if not stages <= set(STAGES):
+        raise ValueError(f"--stages: unknown {', '.join(sorted(stages - set(STAGES)))} for --regime long; choose from "
+                         f"{', '.join(STAGES)}")
+    corpora = [c.strip() for c in args.corpora.split(",") if c.strip()]
+    unknown = sorted(set(corpora) - set(CORPORA))
+    if unknown or not corpora:
+        raise ValueError(f"--corpora: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(CORPORA)}")
+    only = set(args.only.split(",")) if args.only else None
+    steps, tune_steps = args.steps or STEPS, args.tune_steps or TUNE_STEPS
+    root = Path(args.runs or RUNS)
+    grids = {c: Grid(_args_for(args, root / c), split_text(load_corpus(c)), variant_of, EVALS, c) for c in corpora}
+    tune = grids[corpora[0]]
+    lrs: dict[str, float] = {}
+
+    def lr_of(variant: str) -> float:
+        group = variant_of(variant)[0]
+        if group not in lrs:
+            searched = [(tune.train(f"tune_{group}_lr{lr:g}_s0", _tuned_variant(group), tune_steps, 0, lr)["val_loss"], lr)
+                        for lr in lrs_given] if "tune" in stages else _finished_tune(tune.root, group)
+            lrs[group] = min(searched)[1]
+        return lrs[group]
+
+    wanted = lambda name: only is None or name in only
+    if "main" in stages:
+        for seed in range(args.seeds):                  # seed-major: every row gets its first seed first
+            for corpus, grid in grids.items():
+                for name in filter(wanted, MAIN):
+                    grid.train(f"main_{name}_s{seed}", name, steps, seed, lr_of(name))
+    if "ablation" in stages:
+        for name in filter(wanted, ABLATIONS):
+            tune.train(f"ablation_{name}_s0", name, steps, 0, lr_of(name))
+    write_report(root, corpora, Path(args.results), getattr(args, "command_line", "fastff lm experiment --regime long"))
+    return 0
+
+
+def _tuned_variant(group: str) -> str:
+    """The variant whose learning rate stands for its tuning group."""
+    return next(name for name in MAIN if VARIANTS[name][0] == group)
+
+
+def _finished_tune(root: Path, group: str) -> list[tuple[float, float]]:
+    runs = [r for r in load_runs(root) if r["stage"] == "tune" and r["family"] == group]
+    if not runs:
+        raise FileNotFoundError(f"no finished tune runs of {group} under {root}: run the 'tune' stage first")
+    return [(r["metrics"]["val_loss"], r["config"]["train"]["lr"]) for r in runs]
+
+
+def _args_for(args, runs: Path):
+    out = argparse.Namespace(**vars(args))
+    out.runs = str(runs)
+    return out
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def records(root: Path, corpus: str) -> list[dict]:
+    """One flat record per finished run of ``corpus``: variant, stage, seed, losses, capacity."""
+    out = []
+    for r in load_runs(root / corpus):
+        m = r["metrics"]
+        layers = r["config"]["model"]["layers"]
+        best = next((h for h in m["history"] if h["step"] == m["best_step"]), m["history"][-1])
+        out.append({"run": r["name"], "corpus": corpus, "stage": r["stage"], "variant": r["variant"],
+                    "seed": r["seed"], "lr": r["config"]["train"]["lr"], "val_loss": m["val_loss"],
+                    "test_loss": m["test_loss"], "ms_per_step": m["ms_per_step"], "steps": r["config"]["train"]["steps"],
+                    "neurons_per_token": m["ffn_neurons_per_token"] // layers,
+                    "training_width": m["ffn_training_width"] // layers, "capacity": best.get("capacity"),
+                    "history": [{k: h[k] for k in ("step", "val_loss") if k in h}
+                                | ({"dead": [c["dead"] for c in h["capacity"]]} if h.get("capacity") else {})
+                                for h in m["history"]]})
+    return out
+
+
+def _capacity_cells(r: dict) -> tuple[str, str]:
+    """(lowest deepest-level reach, highest dead fraction) over the layers of a run's selected step."""
+    if not r["capacity"]:
+        return "-", "-"
+    return (f"{min(c['deepest_reached'] for c in r['capacity']):.2f}",
+            f"{max(c['dead'] for c in r['capacity']):.2f}")
+
+
+def _rows_table(rows: list[dict]) -> list[str]:
+    lines = ["| variant | neurons / token | training width | lr | seeds | val loss | test loss | ms / step | "
+             "deepest reached (min layer, seed 0) | dead (max layer, seed 0) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["variant"], []).append(r)
+    for variant, rs in sorted(groups.items(), key=lambda kv: statistics.mean(r["val_loss"] for r in kv[1])):
+        r0 = min(rs, key=lambda r: r["seed"])
+        reach, dead = _capacity_cells(r0)
+        lines.append(f"| {variant} | {r0['neurons_per_token']} | {r0['training_width']} | {r0['lr']:g} | {len(rs)} | "
+                     f"{mean_std([r['val_loss'] for r in rs])} | {mean_std([r['test_loss'] for r in rs])} | "
+                     f"{statistics.mean(r['ms_per_step'] for r in rs):.0f} | {reach} | {dead} |")
+    return lines
+
+
+def _mean(rows: list[dict], variant: str) -> tuple[float, float, int] | None:
+    vals = [r["val_loss"] for r in rows if r["variant"] == variant]
+    if not vals:
+        return None
+    return statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else float("nan"), len(vals)
+
+
+def _verdicts(rows: list[dict], corpus: str) -> list[str]:
+    """The control and the targets of the long regime, met or not, from the main rows."""
+    out = []
+    moe, dense48, full = _mean(rows, "moe-16x32"), _mean(rows, "dense-48"), _mean(rows, "dense-512")
+    if moe and dense48:
+        gap = dense48[0] - moe[0]
+        noise = max(s for s in (moe[1], dense48[1]) if s == s) if moe[2] > 1 and dense48[2] > 1 else None
+        verdict = ("capacity-bound" if noise is not None and gap > noise else
+                   "not yet capacity-bound" if noise is not None else "seeds missing for a verdict")
+        out.append(f"- Control ({corpus}): MoE 16x32 top-1 {moe[0]:.3f} vs dense-48 {dense48[0]:.3f}: "
+                   f"{gap:+.3f} nats for MoE (seed std {noise if noise is None else f'{noise:.3f}'}): {verdict}.")
+    trees = [r for r in rows if r["variant"] in ("fff-d4-l16", "neuron-tree-2x9") and r["neurons_per_token"] <= FULL_DENSE // 16]
+    if trees:
+        best = min({r["variant"] for r in trees}, key=lambda v: _mean(rows, v)[0])
+        tree = _mean(rows, best)
+        equal = _mean(rows, "dense-20")
+        n = next(r["neurons_per_token"] for r in trees if r["variant"] == best)
+        if equal:
+            gap = equal[0] - tree[0]
+            out.append(f"- Best tree ({corpus}) at <= 1/16 of the dense neurons: {best} ({n} neurons/token) "
+                       f"{tree[0]:.3f} vs dense-20 {equal[0]:.3f}: {gap:+.3f} nats (target >= +0.05: "
+                       f"{'met' if gap >= 0.05 else 'missed'}).")
+        if full:
+            ratio = tree[0] / full[0]
+            out.append(f"- {best} vs dense-512 at equal tokens ({corpus}): {ratio:.3f}x (target <= 1.03x: "
+                       f"{'met' if ratio <= 1.03 else 'missed'}).")
+        caps = [r["capacity"] for r in trees if r["variant"] == best and r["seed"] == 0 and r["capacity"]]
+        if caps:
+            reach = min(c["deepest_reached"] for c in caps[0])
+            dead = max(c["dead"] for c in caps[0])
+            out.append(f"- Capacity of {best} ({corpus}, seed 0, every layer): deepest level reached >= {reach:.2f} "
+                       f"(target >= 0.50: {'met' if reach >= 0.5 else 'missed'}), dead units <= {dead:.2f} "
+                       f"(target < 0.20: {'met' if dead < 0.2 else 'missed'}).")
+    return out
+
+
+def _plot_pruning(rows: list[dict], path: Path) -> None:
+    """The auto-pruning curves: dead-unit fraction (worst layer) vs step, seed 0, one line per variant."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        pts = [(h["step"], max(h["dead"])) for h in r["history"] if h.get("dead")]
+        if r["seed"] == 0 and pts:
+            ax.plot(*zip(*pts), marker=".", label=f"{r['variant']} ({r['stage']})")
+    ax.set(xlabel="training step", ylabel="dead units, worst layer (fraction)", ylim=(0, 1),
+           title="Auto-pruning: units no validation token reaches")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(root: Path, corpora: list[str], out: Path, command: str) -> Path:
+    """``out``/lm_long.md (tables, verdicts, plots) and lm_long.json (one record per finished run)."""
+    rows = [r for c in corpora if (root / c).exists() for r in records(root, c)]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "lm_long.json").write_text(json.dumps(rows, indent=1))
+    text = ["# The long regime: can conditional capacity pay?\n", f"Command: `{command}`\n",
+            f"{len(rows)} finished runs under `{root}`. Model: {SHAPE['layers']} layers, dim {SHAPE['dim']}, "
+            f"{SHAPE['heads']} heads, context {SHAPE['context']}, batch {BATCH}; {STEPS} steps = "
+            f"{STEPS * BATCH * SHAPE['context'] / 1e6:.1f}M tokens per run (tune runs: {TUNE_STEPS} steps). Losses in "
+            "nats per character in eval mode (what is served), on fixed validation windows; the checkpoint with "
+            "the lowest validation loss is kept and the test split is evaluated once. Capacity: fraction of the "
+            "deepest level's units (leaves, deepest nodes, experts) reached and of all units never reached, on "
+            "the first validation tokens (`--capacity-tokens`), at the selected step.\n"]
+    for corpus in corpora:
+        main = [r for r in rows if r["corpus"] == corpus and r["stage"] == "main"]
+        if main:
+            text += [f"## Main rows: {corpus}\n", *_rows_table(main), "", *_verdicts(main, corpus), ""]
+    ablations = [r for r in rows if r["stage"] == "ablation"]
+    if ablations:
+        text += [f"## Tree ablations ({corpora[0]}, seed 0)\n", *_rows_table(ablations), ""]
+    tune = [r for r in rows if r["stage"] == "tune"]
+    if tune:
+        text += ["## Learning-rate search\n", "| run | val loss |", "|---|---:|",
+                 *(f"| {r['run']} | {r['val_loss']:.3f} |" for r in sorted(tune, key=lambda r: r["run"])), ""]
+    curves = [r for r in rows if r["corpus"] == corpora[0] and r["stage"] in ("main", "ablation")]
+    if any(h.get("dead") for r in curves for h in r["history"]):
+        _plot_pruning(curves, out / "lm_long_pruning.png")
+        text.append("![auto-pruning](lm_long_pruning.png)")
+    md = out / "lm_long.md"
+    md.write_text("\n".join(text) + "\n")
+    return md

@@ -1,0 +1,339 @@
+"""NeuronTree options for trees that leave capacity unused: the routing offset ``route_bias``
+(balanced by its own update), the path gate (a gradient for the routing decisions), the
+node-balance loss and the always-on ``dense_slice``."""
+import json
+import math
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import fastff
+from fastff import kernels
+from fastff.apps.cli import main
+from fastff.functional import ACTIVATIONS, tree_size
+from fastff.kernels import cpu, reference as R, vectorized as V
+from fastff.layers import families as F
+from fastff.training import node_balance_loss
+from fastff.training.run import aux_loss
+
+F64 = torch.float64
+LEAD = [(), (3,), (2, 3)]
+
+
+def tree_weights(depth, trees, bias, seed, inp=5, out=4):
+    gen = torch.Generator().manual_seed(seed)
+    M = tree_size(depth)
+    w_in = torch.randn(trees, M, inp, generator=gen, dtype=F64, requires_grad=True)
+    b_in = torch.randn(trees, M, generator=gen, dtype=F64, requires_grad=True)
+    w_out = torch.randn(trees, M, out, generator=gen, dtype=F64, requires_grad=True)
+    b_out = torch.randn(out, generator=gen, dtype=F64, requires_grad=True) if bias else None
+    route_bias = torch.randn(trees, M, generator=gen, dtype=F64)
+    return [w_in, b_in, w_out, b_out], route_bias
+
+
+def grads(out, tensors, g):
+    return torch.autograd.grad(out, [t for t in tensors if t is not None], g, allow_unused=True,
+                               materialize_grads=True, retain_graph=True)
+
+
+@given(depth=st.integers(0, 5), trees=st.integers(1, 3), rows=st.integers(0, 12), act=st.sampled_from(list(ACTIVATIONS)),
+       bias=st.booleans(), offset=st.booleans(), gate=st.booleans(), seed=st.integers(0, 2**16))
+def test_torch_path_equals_the_per_row_walk(depth, trees, rows, act, bias, offset, gate, seed):
+    """Values, visited nodes, pre-activations and gradients (float64) of the torch path equal the
+    per-row reference walk and the masked-dense reference, with a random offset and the gate."""
+    weights, route_bias = tree_weights(depth, trees, bias, seed)
+    route_bias = route_bias if offset else None
+    x = torch.randn(rows, 5, dtype=F64, generator=torch.Generator().manual_seed(seed + 1), requires_grad=True)
+    y_ref = R.neuron_tree(x, *weights, act, route_bias, gate)
+    y, nodes, pre = V.neuron_tree_paths(x, *weights, act, route_bias, gate, preactivations=True)
+    y_md, visits, pre_md = R.neuron_tree_paths(x, *weights, act, route_bias, gate, preactivations=True)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y_md, y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(V.neuron_tree(x, *weights, act, route_bias, gate), y_ref, rtol=1e-12, atol=1e-12)
+    assert torch.equal(nodes, visits) and torch.equal(nodes, R.neuron_tree_visits(x, *weights[:2], route_bias))
+    torch.testing.assert_close(pre, pre_md, rtol=1e-12, atol=1e-12)
+    if rows:
+        g, g_pre = torch.randn_like(y), torch.randn_like(pre)
+        expected = grads(y_ref, [x, *weights], g)
+        for got, want in zip(grads(y, [x, *weights], g), expected):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+        both = grads((y, pre), [x, *weights], (g, g_pre))
+        for got, want in zip(both, grads((y_md, pre_md), [x, *weights], (g, g_pre))):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+@given(depth=st.integers(0, 4), trees=st.integers(1, 3), lead=st.sampled_from(LEAD), rows=st.integers(1, 6),
+       act=st.sampled_from(list(ACTIVATIONS)), gate=st.sampled_from(["none", "path"]), seed=st.integers(0, 2**16))
+def test_layer_agrees_on_torch_and_reference_with_leading_dims(depth, trees, lead, rows, act, gate, seed):
+    torch.manual_seed(seed)
+    layer = fastff.NeuronTree(5, 4, depth, trees, activation=act, route_bias=0.1, gate=gate, dense_slice=2).to(F64)
+    layer.route_bias.normal_()
+    x = torch.randn(*lead, rows, 5, dtype=F64)
+    outs = {}
+    for backend in ("torch", "reference", "auto"):
+        layer.backend = backend
+        outs[backend] = layer.eval()(x)
+    assert outs["torch"].shape == (*lead, rows, 4)
+    torch.testing.assert_close(outs["torch"], outs["reference"], rtol=1e-12, atol=1e-12)
+    assert torch.equal(outs["torch"], outs["auto"])
+
+
+def test_cpu_preactivations_have_the_torch_gradients():
+    """The numba training op returns the visited pre-activations, differentiable like the torch path's."""
+    weights, _ = tree_weights(3, 2, True, 0)
+    x = torch.randn(9, 5, dtype=F64, requires_grad=True)
+    y, nodes, pre = cpu.neuron_tree_paths(x, *weights, "gelu", preactivations=True)
+    y_t, nodes_t, pre_t = V.neuron_tree_paths(x, *weights, "gelu", preactivations=True)
+    assert torch.equal(nodes, nodes_t)
+    torch.testing.assert_close(pre, pre_t)
+    g, g_pre = torch.randn_like(y), torch.randn_like(pre)
+    for got, want in zip(grads((y, pre), [x, *weights], (g, g_pre)), grads((y_t, pre_t), [x, *weights], (g, g_pre))):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    assert len(cpu.neuron_tree_paths(x, *weights, "gelu")) == 2          # the default return is unchanged
+
+
+@pytest.mark.parametrize("options", [dict(gate="path"), dict(route_bias=0.05), dict(route_bias=0.05, gate="path"),
+                                     dict(dense_slice=3), dict(gate="path", dense_slice=3)])
+def test_train_forward_equals_eval_forward(options):
+    torch.manual_seed(0)
+    layer = fastff.NeuronTree(6, 3, 4, trees=2, **options).to(F64)
+    x = torch.randn(2, 17, 6, dtype=F64)
+    with torch.no_grad():
+        before = layer.route_bias.clone() if "route_bias" in options else None
+        y_eval = layer.eval()(x)
+        if before is not None:
+            assert torch.equal(layer.route_bias, before)                  # eval does not update the offset
+    y_train = layer.train()(x)                                             # uses the offset eval used, then updates it
+    torch.testing.assert_close(y_train, y_eval, rtol=1e-12, atol=1e-12)
+    if before is not None:
+        assert not torch.equal(layer.route_bias, before)
+
+
+def root_right_fraction(layer, x):
+    route_bias = layer.routed_options().get("route_bias")
+    return R.neuron_tree_visits(x, layer.w_in, layer.b_in, route_bias)[:, 0, 1].remainder(2).eq(0).double().mean()
+
+
+def test_route_bias_update_moves_an_imbalanced_node_towards_half():
+    torch.manual_seed(0)
+    layer = fastff.NeuronTree(4, 2, 2, route_bias=0.25).to(F64).train()
+    with torch.no_grad():
+        layer.b_in[0, 0] = 0.5
+        layer.w_in[0, 0] = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    x = torch.randn(512, 4, dtype=F64)
+    x[:, 0] = x[:, 0].abs()                                                # root pre-activation >= 0.5: all go right
+    fractions = [root_right_fraction(layer, x).item()]
+    layer(x)
+    assert layer.route_bias[0, 0].item() == -0.25
+    assert torch.equal(layer.route_bias[0, [1, 3, 4]], torch.zeros(3, dtype=F64))   # the left subtree: not reached
+    for _ in range(5):
+        fractions.append(root_right_fraction(layer, x).item())
+        layer(x)
+    assert fractions[0] == 1.0 and min(abs(f - 0.5) for f in fractions) < 0.1 and abs(fractions[-1] - 0.5) < 0.2
+    assert all(a >= b for a, b in zip(fractions, fractions[1:5]))        # down to the median, then around it
+    assert torch.equal(layer.route_bias[0, 3:], torch.zeros(4, dtype=F64))           # deepest level: no decision
+
+
+def test_route_bias_leaves_exactly_balanced_nodes_alone():
+    layer = fastff.NeuronTree(1, 1, 1, route_bias=0.5).to(F64).train()
+    with torch.no_grad():
+        layer.w_in.fill_(1.0)
+        layer.b_in.zero_()
+    layer(torch.tensor([[-1.0], [1.0], [-2.0], [2.0]], dtype=F64))
+    assert torch.equal(layer.route_bias, torch.zeros(1, 3, dtype=F64))
+
+
+def test_capacity_routing_uses_the_offset():
+    torch.manual_seed(0)
+    layer = fastff.NeuronTree(5, 3, 3, trees=2, route_bias=0.1).to(F64)
+    layer.route_bias.normal_(std=3.0)
+    x = torch.randn(40, 5, dtype=F64)
+    r = F.family("neuron-tree").routing(layer, x)
+    visits = R.neuron_tree_visits(x, layer.w_in, layer.b_in, layer.route_bias)
+    assert torch.equal(r.units[3], visits[..., 3] - 7 + torch.arange(2) * 8)
+    logit = x @ layer.w_in[1, 0] + layer.b_in[1, 0] + layer.route_bias[1, 0]
+    torch.testing.assert_close(r.logits[0][:, 1], logit)
+
+
+# ----------------------------------------------------------------------------- node balance
+
+def split_tree(bias: float):
+    """A depth-1 tree on 1 feature whose root pre-activation is x + bias."""
+    layer = fastff.NeuronTree(1, 1, 1).to(F64)
+    with torch.no_grad():
+        layer.w_in.fill_(1.0)
+        layer.b_in.fill_(bias)
+    return layer
+
+
+def test_node_balance_is_zero_when_balanced_and_grows_with_imbalance():
+    x = torch.tensor([[-2.0], [2.0], [-0.5], [0.5]], dtype=F64)
+    balanced = split_tree(0.0).train()
+    balanced(x)
+    assert node_balance_loss(balanced, 1.0).item() == pytest.approx(0.0, abs=1e-15)
+    losses = []
+    for bias in (0.5, 1.0, 3.0):
+        layer = split_tree(bias).train()
+        layer(x)
+        losses.append(node_balance_loss(layer, 1.0).item())
+        expected = (torch.sigmoid(x[:, 0] + bias).mean() - 0.5) ** 2                # root: reached by every row
+        assert losses[-1] == pytest.approx(expected.item())
+    assert 0 < losses[0] < losses[1] < losses[2] <= 0.25
+    assert node_balance_loss(layer, 0.1).item() == pytest.approx(0.1 * losses[-1])
+
+
+def test_node_balance_weights_nodes_by_reach_and_gives_routing_a_gradient():
+    torch.manual_seed(0)
+    layer = fastff.NeuronTree(5, 3, 3, trees=2).to(F64).train()
+    x = torch.randn(30, 5, dtype=F64)
+    layer(x)
+    loss = node_balance_loss(layer, 1.0)
+    visits = R.neuron_tree_visits(x, layer.w_in, layer.b_in)
+    expected = 0.0
+    for k in range(2):
+        for node in range(7):                                              # the decision nodes of depth 3
+            rows = (visits[:, k, :3] == node).any(1)
+            if rows.any():
+                p = torch.sigmoid(x[rows] @ layer.w_in[k, node] + layer.b_in[k, node])
+                expected += rows.double().mean() * (p.mean() - 0.5) ** 2
+    assert loss.item() == pytest.approx(expected.item())
+    assert torch.equal(layer.aux["node_balance"][:, 7:], torch.zeros(2, 8, dtype=F64))   # deepest level
+    g_w, g_b = torch.autograd.grad(loss, [layer.w_in, layer.b_in])
+    assert g_w[:, :7].abs().sum() > 0 and g_b[:, :7].abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch", "reference"])
+def test_node_balance_is_the_same_on_every_training_backend(backend):
+    torch.manual_seed(0)
+    layer = fastff.NeuronTree(5, 3, 3, trees=2, backend=backend).to(F64).train()
+    x = torch.randn(20, 5, dtype=F64)
+    layer(x)
+    loss = node_balance_loss(layer, 1.0)
+    g = torch.autograd.grad(loss, [layer.w_in, layer.b_in])
+    layer.backend = "torch"
+    layer(x)
+    torch.testing.assert_close(node_balance_loss(layer, 1.0), loss)
+    for got, want in zip(g, torch.autograd.grad(node_balance_loss(layer, 1.0), [layer.w_in, layer.b_in])):
+        torch.testing.assert_close(got, want)
+
+
+def test_node_balance_needs_a_training_forward_and_joins_the_run_core_balance():
+    layer = fastff.NeuronTree(4, 2, 2)
+    with pytest.raises(RuntimeError, match="NeuronTree layer and a training-mode forward"):
+        node_balance_loss(layer)
+    layer.eval()(torch.randn(3, 4))
+    with pytest.raises(RuntimeError, match="training-mode forward"):
+        node_balance_loss(layer)
+    model = torch.nn.Sequential(layer, torch.nn.ReLU(), fastff.NeuronTree(2, 2, 1)).train()
+    model(torch.randn(8, 4))
+    assert aux_loss(model, balance=0.0) == 0.0
+    torch.testing.assert_close(aux_loss(model, balance=0.3), node_balance_loss(model, 0.3))
+    torch.testing.assert_close(node_balance_loss(model, 1.0),
+                               node_balance_loss(model[0], 1.0) + node_balance_loss(model[2], 1.0))
+    assert "node_balance" in F.family("neuron-tree").aux_losses
+
+
+# ----------------------------------------------------------------------------- backends, geometry, files
+
+@pytest.mark.parametrize("options", [dict(route_bias=1e-3), dict(gate="path")])
+def test_cpu_backend_refuses_the_routing_options(options):
+    with pytest.raises(ValueError, match="route_bias=0.001|gate='path'"):
+        fastff.NeuronTree(4, 2, 2, backend="cpu", **options)
+    layer = fastff.NeuronTree(4, 2, 2, **options)
+    for backend, modes in (("cpu", (True, False)), ("triton", (False,))):   # triton cannot train at all
+        layer.backend = backend
+        for mode in modes:
+            with pytest.raises(ValueError, match="'torch' and 'reference' backends only"):
+                layer.train(mode)(torch.randn(3, 4))
+    layer.backend = None
+    with kernels.forced_backend("cpu"), pytest.raises(ValueError, match="backend 'cpu' does not implement"):
+        layer.eval()(torch.randn(3, 4))
+    with pytest.raises(ValueError, match="plain tree"):
+        F.family("neuron-tree").cpu_kernel(layer)
+
+
+@pytest.mark.parametrize("options", [dict(route_bias=1e-3), dict(gate="path")])
+def test_auto_runs_the_routing_options_on_torch(options):
+    """"auto" (the default) runs training, eval and no-grad eval (no prepared fast path) on "torch"."""
+    layer = fastff.NeuronTree(4, 2, 3, **options)
+    x = torch.randn(5, 4)
+    with mock.patch.object(cpu, "neuron_tree_paths", side_effect=AssertionError("cpu training op")), \
+            mock.patch.object(cpu, "neuron_tree", side_effect=AssertionError("cpu inference op")), \
+            mock.patch.object(cpu, "prepare", side_effect=AssertionError("prepared cpu path")), \
+            mock.patch.object(V, "neuron_tree_paths", wraps=V.neuron_tree_paths) as torch_path:
+        layer.train()(x).sum().backward()
+        layer.eval()(x)
+        with torch.no_grad():
+            layer(x)
+            layer(x[:1])
+    assert torch_path.call_count == 4
+    plain = fastff.NeuronTree(4, 2, 3)
+    with mock.patch.object(V, "neuron_tree_paths", side_effect=AssertionError("torch path")):
+        plain.train()(x)                                                   # a plain tree still runs on cpu
+
+
+def test_dense_slice_is_added_to_every_row_and_counted():
+    torch.manual_seed(0)
+    layer = fastff.NeuronTree(6, 3, 3, trees=2, activation="relu", dense_slice=5)
+    assert isinstance(layer.dense, fastff.DenseFF) and layer.dense.hidden == 5 and layer.dense.activation == "relu"
+    assert (layer.training_width, layer.neurons_per_inference) == (2 * 15 + 5, 2 * 4 + 5)
+    x = torch.randn(2, 7, 6)
+    tree = R.neuron_tree(x.reshape(-1, 6), layer.w_in, layer.b_in, layer.w_out, layer.b_out, "relu")
+    want = tree.reshape(2, 7, 3) + layer.dense(x)
+    for mode in (True, False):
+        torch.testing.assert_close(layer.train(mode)(x), want)
+    with torch.no_grad():                                                   # the prepared eval path adds it too
+        torch.testing.assert_close(layer.eval()(x), want)
+        torch.testing.assert_close(layer(x[0, :1]), want[0, :1])
+    layer.train()(x).sum().backward()
+    assert layer.dense.fc1.weight.grad.abs().sum() > 0
+    fam = F.family("neuron-tree")
+    geo = fam.geometry(64, dict(trees=2, dense_slice=16))                  # the trees take what the slice leaves
+    built = fam.build(6, 3, 64, dict(trees=2, dense_slice=16))
+    assert built.depth == 3 and (geo.training_width, geo.neurons_per_token) == (46, 24)
+    assert (built.training_width, built.neurons_per_inference) == (46, 24)
+    with pytest.raises(ValueError, match="width must be >= trees \\+ dense_slice"):
+        fam.build(6, 3, 17, dict(trees=2, dense_slice=16))
+    with pytest.raises(ValueError, match="neuron-tree option 'gate' must be one of 'none', 'path'"):
+        fam.build(6, 3, 15, dict(gate="soft"))
+    with pytest.raises(ValueError, match="route_bias"):
+        fastff.NeuronTree(4, 2, 2, route_bias=-1.0)
+
+
+def test_save_load_round_trip_keeps_the_offset(tmp_path):
+    torch.manual_seed(0)
+    layer = fastff.NeuronTree(5, 3, 3, trees=2, route_bias=0.01, gate="path", dense_slice=4)
+    layer.train()(torch.randn(64, 5))
+    assert layer.route_bias.abs().sum() > 0 and "route_bias" in layer.state_dict()
+    fastff.save(layer, tmp_path / "nt.safetensors")
+    back = fastff.load(tmp_path / "nt.safetensors")
+    assert (back.route_bias_rate, back.gate, back.dense_slice) == (0.01, "path", 4)
+    assert torch.equal(back.route_bias, layer.route_bias)
+    x = torch.randn(9, 5)
+    assert torch.equal(back.eval()(x), layer.eval()(x))
+    plain = fastff.NeuronTree(5, 3, 3)
+    assert "route_bias" not in plain.state_dict() and plain.dense is None   # defaults: the state dict is as before
+
+
+def test_lm_train_with_the_tree_options(tmp_path):
+    words = "the king queen lord lady good my thou art love death night day heart crown".split()
+    gen = torch.Generator().manual_seed(0)
+    text = "\n".join(" ".join(words[i] for i in torch.randint(len(words), (6,), generator=gen).tolist()) + "."
+                     for _ in range(200))
+    (tmp_path / "t.txt").write_text(text)
+    out = tmp_path / "run"
+    assert main(["lm", "train", "--text", str(tmp_path / "t.txt"), "--ffn", "neuron-tree", "--depth", "3",
+                 "--route-bias", "1e-3", "--gate", "path", "--dense-slice", "4", "--balance", "0.1",
+                 "--layers", "1", "--dim", "16", "--heads", "2", "--context", "16", "--steps", "6", "--batch", "4",
+                 "--eval-every", "3", "--eval-batches", "1", "--out", str(out), "--quiet"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    options = config["model"]["ffn_options"]
+    assert (options["route_bias"], options["gate"], options["dense_slice"]) == (1e-3, "path", 4)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["ffn_neurons_per_token"] == 4 + 4 and math.isfinite(metrics["val_loss"])
+    from fastff.training import lm as L
+    model, _, _ = L.load_run(out)
+    tree = next(m for m in model.modules() if isinstance(m, fastff.NeuronTree))
+    assert tree.gate == "path" and tree.dense_slice == 4 and tree.route_bias.abs().sum() > 0
