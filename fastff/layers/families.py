@@ -33,6 +33,7 @@ from .dense import DenseFF
 from .fff import FFF
 from .moe import MoE
 from .neuron_tree import NeuronTree
+from .product_key import ProductKeyFF
 
 
 @dataclass(frozen=True)
@@ -407,3 +408,57 @@ register(Family(
     _moe_make, lambda width, o: Geometry(width, width // o["leaf"] + o["top_k"] * o["leaf"]),
     "top-k mixture of width/leaf experts of leaf neurons", aux_losses=("balance",), routing=_moe_routing,
     check_width=_moe_check))
+
+
+# ----------------------------------------------------------------------------- product-key
+
+def _pk_keys(width: int) -> int:
+    """n_keys of a product-key layer of ``width = n_keys**2`` experts."""
+    n = math.isqrt(width)
+    if n * n != width:
+        raise ValueError(f"product-key width must be a perfect square n_keys**2 (one expert per pair of sub-keys), "
+                         f"got {width}; the nearest are {n * n} and {(n + 1) ** 2}")
+    return n
+
+
+def _pk_check(width: int, o: dict) -> None:
+    n = _pk_keys(width)
+    if o["top_k"] > n:
+        raise ValueError(f"product-key top_k must be <= n_keys = sqrt(width) = {n}, got top_k={o['top_k']}")
+    if o["key_dim"] % 2:
+        raise ValueError(f"product-key key_dim must be even (queries split into two halves), got {o['key_dim']}")
+
+
+def _pk_make(i, out, width, o, **runtime):
+    return ProductKeyFF(i, out, _pk_keys(width), heads=o["key_heads"], top_k=o["top_k"], key_dim=o["key_dim"],
+                        activation=o["activation"], query_norm=o["query_norm"], **runtime)
+
+
+def _pk_shape(width, o) -> Geometry:
+    return Geometry(width, o["key_heads"] * (o["top_k"] + o["key_dim"] + _pk_keys(width)))
+
+
+def _pk_cost(dim: int, o: dict, width: int):
+    H, k, D, n = o["key_heads"], o["top_k"], o["key_dim"], _pk_keys(width)
+    routing = H * D * dim + H * n * D                                  # query weights + sub-keys
+
+    def unique(batch):
+        return routing + _touched(width, batch * H * k) * 2 * dim + dim
+
+    return routing + H * k * 2 * dim + dim, 2 * routing + 4 * H * k * dim, unique
+
+
+def _pk_routing(layer, x) -> Routing:
+    return Routing([layer.select(x)[1].reshape(x.shape[0], -1)], [None], [layer.experts])
+
+
+register(Family(
+    "product-key", ProductKeyFF,
+    (Option("key_heads", int, 4, "product-key query heads", low=1),
+     Option("top_k", int, 8, "experts per row (product-key: per head, also the sub-keys kept per half)", low=1),
+     Option("key_dim", int, 32, "product-key query width (even: two halves of sub-key width)", low=2),
+     _activation("gelu"),
+     Option("query_norm", str, "layer", "product-key query normalisation (batch: eval uses running statistics)",
+            choices=("layer", "batch", "none"))),
+    _pk_make, _pk_shape, "width = n_keys**2 single-neuron experts chosen by product keys (PEER)",
+    cost=_pk_cost, routing=_pk_routing, check_width=_pk_check))
