@@ -19,7 +19,7 @@ import fastff
 from fastff import ProductKeyFF
 from fastff.apps.cli import main
 from fastff.functional import ACTIVATIONS, get_activation
-from fastff.kernels import cpu, product_key as PK, product_key_reference as R
+from fastff.kernels import cpu, gathered, product_key as PK, product_key_reference as R
 from fastff.layers import families as F
 from fastff.training import lm as L
 from fastff.training.capacity import CapacityRecorder
@@ -257,7 +257,7 @@ def test_expert_kernel_matches_autograd(blocks_per_thread, dtype):
     for run, out in ((PK.experts_cpu, got), (mix_reference, want)):
         ts = [t.to(dtype).requires_grad_() for t in leaves]
         g = torch.randn(B, O, generator=torch.Generator().manual_seed(9)).to(dtype)
-        with mock.patch.object(PK, "WEIGHT_BLOCKS_PER_THREAD", blocks_per_thread):
+        with mock.patch.object(gathered, "BLOCKS_PER_THREAD", blocks_per_thread):
             y = run(*ts, experts, "silu")
             (y * g).sum().backward()
         out.extend([y.detach()] + [t.grad for t in ts])

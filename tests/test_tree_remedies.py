@@ -1,6 +1,7 @@
 """NeuronTree options for trees that leave capacity unused: the routing offset ``route_bias``
 (balanced by its own update), the path gate (a gradient for the routing decisions), the
 node-balance loss and the always-on ``dense_slice``."""
+import copy
 import json
 import math
 from unittest import mock
@@ -72,12 +73,13 @@ def test_layer_agrees_on_torch_and_reference_with_leading_dims(depth, trees, lea
     layer.route_bias.normal_()
     x = torch.randn(*lead, rows, 5, dtype=F64)
     outs = {}
-    for backend in ("torch", "reference", "auto"):
+    for backend in ("torch", "reference", "auto", "cpu"):
         layer.backend = backend
         outs[backend] = layer.eval()(x)
     assert outs["torch"].shape == (*lead, rows, 4)
     torch.testing.assert_close(outs["torch"], outs["reference"], rtol=1e-12, atol=1e-12)
-    assert torch.equal(outs["torch"], outs["auto"])
+    assert torch.equal(outs["auto"], outs["cpu"])
+    torch.testing.assert_close(outs["cpu"], outs["torch"], rtol=1e-12, atol=1e-12)
 
 
 def test_cpu_preactivations_have_the_torch_gradients():
@@ -92,6 +94,50 @@ def test_cpu_preactivations_have_the_torch_gradients():
     for got, want in zip(grads((y, pre), [x, *weights], (g, g_pre)), grads((y_t, pre_t), [x, *weights], (g, g_pre))):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
     assert len(cpu.neuron_tree_paths(x, *weights, "gelu")) == 2          # the default return is unchanged
+
+
+@given(depth=st.integers(0, 5), trees=st.integers(1, 3), rows=st.integers(0, 12), act=st.sampled_from(list(ACTIVATIONS)),
+       bias=st.booleans(), options=st.sampled_from(["route_bias", "gate", "both"]), seed=st.integers(0, 2**16))
+def test_cpu_path_with_the_options_equals_the_torch_path(depth, trees, rows, act, bias, options, seed):
+    """The numba path of the routing options (walk, gathered-row ops): visited nodes, values,
+    pre-activations and gradients (float64) equal the torch path's, with and without gradient."""
+    weights, route_bias = tree_weights(depth, trees, bias, seed)
+    route_bias, gate = (None if options == "gate" else route_bias), options != "route_bias"
+    x = torch.randn(rows, 5, dtype=F64, generator=torch.Generator().manual_seed(seed + 1), requires_grad=True)
+    y, nodes, pre = cpu.neuron_tree_paths(x, *weights, act, route_bias, gate, preactivations=True)
+    y_t, nodes_t, pre_t = V.neuron_tree_paths(x, *weights, act, route_bias, gate, preactivations=True)
+    assert torch.equal(nodes, nodes_t) and y.shape == (rows, 4)
+    torch.testing.assert_close(y, y_t, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(pre, pre_t, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(cpu.neuron_tree(x, *weights, act, route_bias, gate), y_t, rtol=1e-12, atol=1e-12)
+    if rows:
+        g, g_pre = torch.randn_like(y), torch.randn_like(pre)
+        for got, want in zip(grads((y, pre), [x, *weights], (g, g_pre)), grads((y_t, pre_t), [x, *weights], (g, g_pre))):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("options", [dict(route_bias=0.05), dict(gate="path"), dict(route_bias=0.05, gate="path")])
+def test_cpu_float32_training_step_equals_the_torch_path(options):
+    """One training step per backend from the same state: outputs, every gradient, the node-balance
+    aux (and its gradient) and the updated offset agree (float32 tolerance; the offset exactly)."""
+    torch.manual_seed(1)
+    first = fastff.NeuronTree(16, 8, 4, trees=2, dense_slice=3, backend="cpu", **options).train()
+    if "route_bias" in options:
+        first.route_bias.normal_(std=0.3)
+    second = copy.deepcopy(first)
+    second.backend = "torch"
+    x = torch.randn(64, 16)
+    results = []
+    for layer in (first, second):
+        y = layer(x)
+        (y.square().mean() + node_balance_loss(layer, 0.5)).backward()
+        results.append([y.detach(), layer.aux["node_balance"].detach()]
+                       + [p.grad for p in layer.parameters()] + list(layer.buffers()))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    if "route_bias" in options:
+        assert torch.equal(first.route_bias, second.route_bias) and first.route_bias.abs().sum() > 0
 
 
 @pytest.mark.parametrize("options", [dict(gate="path"), dict(route_bias=0.05), dict(route_bias=0.05, gate="path"),
@@ -238,40 +284,42 @@ def test_node_balance_needs_a_training_forward_and_joins_the_run_core_balance():
 # ----------------------------------------------------------------------------- backends, geometry, files
 
 @pytest.mark.parametrize("options", [dict(route_bias=1e-3), dict(gate="path")])
-def test_cpu_backend_refuses_the_routing_options(options):
+def test_triton_refuses_the_routing_options(options):
     with pytest.raises(ValueError, match="route_bias=0.001|gate='path'"):
-        fastff.NeuronTree(4, 2, 2, backend="cpu", **options)
+        fastff.NeuronTree(4, 2, 2, backend="triton", **options)
     layer = fastff.NeuronTree(4, 2, 2, **options)
-    for backend, modes in (("cpu", (True, False)), ("triton", (False,))):   # triton cannot train at all
-        layer.backend = backend
-        for mode in modes:
-            with pytest.raises(ValueError, match="'torch' and 'reference' backends only"):
-                layer.train(mode)(torch.randn(3, 4))
+    layer.backend = "triton"
+    with pytest.raises(ValueError, match="'cpu', 'torch' and 'reference' backends only"):
+        layer.eval()(torch.randn(3, 4))
     layer.backend = None
-    with kernels.forced_backend("cpu"), pytest.raises(ValueError, match="backend 'cpu' does not implement"):
+    with kernels.forced_backend("triton"), pytest.raises(ValueError, match="backend 'triton' does not implement"):
         layer.eval()(torch.randn(3, 4))
     with pytest.raises(ValueError, match="plain tree"):
         F.family("neuron-tree").cpu_kernel(layer)
 
 
 @pytest.mark.parametrize("options", [dict(route_bias=1e-3), dict(gate="path")])
-def test_auto_runs_the_routing_options_on_torch(options):
-    """"auto" (the default) runs training, eval and no-grad eval (no prepared fast path) on "torch"."""
+def test_auto_runs_the_routing_options_on_cpu_for_float32_and_float64(options):
+    """"auto" (the default) runs training, eval and no-grad eval (no prepared fast path) on "cpu"
+    for CPU float32/64 tensors, and on "torch" for other dtypes."""
     layer = fastff.NeuronTree(4, 2, 3, **options)
     x = torch.randn(5, 4)
-    with mock.patch.object(cpu, "neuron_tree_paths", side_effect=AssertionError("cpu training op")), \
-            mock.patch.object(cpu, "neuron_tree", side_effect=AssertionError("cpu inference op")), \
+    with mock.patch.object(V, "neuron_tree_paths", side_effect=AssertionError("torch path")), \
             mock.patch.object(cpu, "prepare", side_effect=AssertionError("prepared cpu path")), \
-            mock.patch.object(V, "neuron_tree_paths", wraps=V.neuron_tree_paths) as torch_path:
+            mock.patch.object(cpu, "neuron_tree_paths", wraps=cpu.neuron_tree_paths) as cpu_path:
         layer.train()(x).sum().backward()
         layer.eval()(x)
         with torch.no_grad():
             layer(x)
             layer(x[:1])
-    assert torch_path.call_count == 4
-    plain = fastff.NeuronTree(4, 2, 3)
-    with mock.patch.object(V, "neuron_tree_paths", side_effect=AssertionError("torch path")):
-        plain.train()(x)                                                   # a plain tree still runs on cpu
+    assert cpu_path.call_count == 4
+    layer.to(torch.bfloat16)
+    with mock.patch.object(cpu, "neuron_tree_paths", side_effect=AssertionError("cpu path")), \
+            mock.patch.object(V, "neuron_tree_paths", wraps=V.neuron_tree_paths) as torch_path:
+        layer.train()(x.bfloat16()).sum().backward()
+        with torch.no_grad():
+            layer.eval()(x.bfloat16())
+    assert torch_path.call_count == 2
 
 
 def test_dense_slice_is_added_to_every_row_and_counted():

@@ -9,8 +9,10 @@ Every backend implements, on 2-D inputs,
   ``fff_leaves`` (composed into the FFF hard path by ``fastff.kernels.routing.fff_hard_path``).
 
 The NeuronTree routing offset and path gate (``route_bias=``, ``gate=True`` of ``neuron_tree`` /
-``neuron_tree_paths``) exist on ``"reference"`` and ``"torch"`` only; ``"auto"`` runs calls that
-use them on ``"torch"``.
+``neuron_tree_paths``) exist on ``"reference"``, ``"torch"`` and ``"cpu"`` (the walk on the grouped
+descent, the visited neurons on the gathered-row ops of ``fastff.kernels.gathered``, with or
+without gradient); ``"auto"`` runs calls that use them on ``"cpu"`` for CPU float32/float64
+tensors outside ``torch.compile`` / ``torch.export`` tracing, else on ``"torch"``.
 
 Optional, for repeated eval calls without gradient on the same weights: a *prepared fast
 path* ``prepare(op, weights, activation, *flags)`` -> a callable ``x (..., I) -> (..., O)`` (None
@@ -105,6 +107,12 @@ def triton_applies(*tensors) -> bool:
     return _HAS_TRITON and all(t is None or t.is_cuda for t in tensors) and not needs_grad(*tensors)
 
 
+def _routed_on_cpu(*tensors) -> bool:
+    """Whether ``"auto"`` runs a NeuronTree with ``route_bias`` / ``gate`` on ``"cpu"``: CPU
+    float32/float64 tensors (None skipped), not traced by ``torch.compile`` / ``torch.export``."""
+    return cpu.applies(*tensors) and not torch.compiler.is_compiling()
+
+
 def _pick(tensors, inference: bool):
     """The backend ``"auto"`` runs these tensors on."""
     if cpu_applies(*tensors):
@@ -123,8 +131,9 @@ class _Auto:
     @staticmethod
     def neuron_tree(x, w_in, b_in, w_out, b_out, activation: str, route_bias=None, gate: bool = False) -> torch.Tensor:
         weights = (w_in, b_in, w_out, b_out)
-        if route_bias is not None or gate:           # only "torch" and "reference" take these
-            return vectorized.neuron_tree(x, *weights, activation, route_bias, gate)
+        if route_bias is not None or gate:           # "cpu" (CPU float32/64, not traced) or "torch"
+            backend = cpu if _routed_on_cpu(x, *weights, route_bias) else vectorized
+            return backend.neuron_tree(x, *weights, activation, route_bias, gate)
         return _pick((x, *weights), True).neuron_tree(x, *weights, activation)
 
     @staticmethod
@@ -132,7 +141,8 @@ class _Auto:
                           preactivations: bool = False):
         weights = (w_in, b_in, w_out, b_out)
         if route_bias is not None or gate:
-            return vectorized.neuron_tree_paths(x, *weights, activation, route_bias, gate, preactivations)
+            backend = cpu if _routed_on_cpu(x, *weights, route_bias) else vectorized
+            return backend.neuron_tree_paths(x, *weights, activation, route_bias, gate, preactivations)
         return _pick((x, *weights), False).neuron_tree_paths(x, *weights, activation, preactivations=preactivations)
 
     @staticmethod

@@ -10,6 +10,8 @@ float32 / float64.
   autograd Functions — ``neuron_tree_paths``, ``fff_walk``, ``fff_leaves`` — whose forward and
   backward touch only the weight rows a row uses, O(depth) per row. Weight gradients are dense
   tensors whose untouched rows are zero.
+- NeuronTree with ``route_bias`` / ``gate`` (with or without gradient): the grouped descent for the
+  walk, then the gathered-row ops of ``fastff.kernels.gathered`` for the visited neurons.
 
 Batches of ``THROUGHPUT_MIN_ROWS`` rows or more take the grouped throughput kernels; smaller
 jobs run row by row, in parallel only when the work amortises waking the thread pool.
@@ -26,9 +28,10 @@ import numba
 import numpy as np
 import torch
 
-from ..functional import activation_code, fff_depth, tree_levels
+from ..functional import (activation_code, fff_depth, get_activation, neuron_tree_path_gate, tree_levels,
+                          tree_routing_logits)
 from ..threads import follow_torch_threads, single_threaded_blas, with_torch_threads
-from . import routing
+from . import gathered, routing
 from .numba import common, infer, train
 from .numba.common import group_rows, group_tiles
 
@@ -365,11 +368,13 @@ def fff_hard(x, node_w, node_b, w1, b1, w2, b2, activation: str, gated: bool = F
     return eager(prepared(prepare_fff, weights, activation, gated), x)
 
 
-def neuron_tree(x, w_in, b_in, w_out, b_out, activation: str) -> torch.Tensor:
+def neuron_tree(x, w_in, b_in, w_out, b_out, activation: str, route_bias=None, gate: bool = False) -> torch.Tensor:
     """NeuronTree forward. x (B, I) -> (B, O); same result as ``reference.neuron_tree``.
     Without gradients as in ``fff_hard`` (op ``torch.ops.fastff.neuron_tree_hard``); with
-    gradients ``neuron_tree_paths``."""
+    gradients, or with ``route_bias`` / ``gate`` (as in ``neuron_tree_paths``), ``neuron_tree_paths``."""
     weights = (w_in, b_in, w_out, b_out)
+    if route_bias is not None or gate:
+        return neuron_tree_paths(x, *weights, activation, route_bias, gate)[0]
     if routing.needs_grad(x, *weights):
         return neuron_tree_paths(x, *weights, activation)[0]
     if _tracing(x):
@@ -512,18 +517,46 @@ class _Leaves(torch.autograd.Function):
         return tuple(map(torch.from_numpy, (gx, dw1, db1, dw2, db2, ggate))) + (None, None, None)
 
 
-def neuron_tree_paths(x, w_in, b_in, w_out, b_out, activation: str, preactivations: bool = False):
+def _routed_paths(x, w_in, b_in, w_out, b_out, activation: str, route_bias, gate: bool):
+    """NeuronTree with the routing offset and / or the path gate: the walk on the grouped descent
+    (no gradient; the offset joins b_in in the decisions), then the visited neurons on the gathered
+    ops (``gathered.gathered_dots`` / ``gathered_combine`` over the trees' flattened (K·M, F)
+    tables) and the gate and activation in torch on (B, K, D+1). -> (y, nodes, pre) as
+    ``neuron_tree_paths``."""
+    (K, M, I), O, B = w_in.shape, w_out.shape[-1], x.shape[0]
+    levels = tree_levels(M)
+    with torch.no_grad():
+        bias = b_in if route_bias is None else b_in + route_bias
+        xa = _np(x)
+        _, nodes, _, _ = route(xa, _np(w_in), _np(bias), None, levels, I * xa.itemsize)
+    nodes = torch.from_numpy(nodes)
+    ids = (nodes + torch.arange(K)[:, None] * M).view(B, K * levels)
+    a = gathered.gathered_dots(x, w_in.reshape(K * M, I), ids) + b_in.reshape(K * M)[ids]
+    pre = a.view(B, K, levels)
+    h = get_activation(activation)(pre)
+    if gate:
+        h = h * neuron_tree_path_gate(tree_routing_logits(pre, nodes, route_bias))
+    y = gathered.gathered_combine(h.view(B, K * levels), w_out.reshape(K * M, O), ids)
+    return (y if b_out is None else y + b_out), nodes, pre
+
+
+def neuron_tree_paths(x, w_in, b_in, w_out, b_out, activation: str, route_bias=None, gate: bool = False,
+                      preactivations: bool = False):
     """NeuronTree forward with O(K·(D+1)·(in+out)) forward and backward per row.
 
     x (B, I), w_in (K, M, I), b_in (K, M), w_out (K, M, O), b_out (O,) or None -> (y (B, O),
     nodes (B, K, D+1) long, the visited node per row, tree and level), and the visited
     pre-activations (B, K, D+1) (differentiable too) if ``preactivations``. x and every weight get
     gradients; weight gradients are nonzero only in visited rows. Equal (values and gradients) to
-    ``reference.neuron_tree_paths``. No routing offset or path gate (the NeuronTree options
-    ``route_bias`` / ``gate``): those run on ``"torch"``."""
-    check_tensors(x, w_in, b_in, w_out, b_out)
-    bias = w_out.new_zeros(w_out.shape[-1]) if b_out is None else b_out
-    y, nodes, pre = _NeuronTree.apply(x, w_in, b_in, w_out, bias, activation_code(activation))
+    ``reference.neuron_tree_paths``. ``route_bias`` (K, M) offsets the decisions only, ``gate``
+    scales each visited neuron's term by its path gate (as there); with either, the visited neurons
+    run on the gathered ops (``_routed_paths``), else on the fused tree kernels."""
+    check_tensors(x, w_in, b_in, w_out, b_out, route_bias)
+    if route_bias is not None or gate:
+        y, nodes, pre = _routed_paths(x, w_in, b_in, w_out, b_out, activation, route_bias, gate)
+    else:
+        bias = w_out.new_zeros(w_out.shape[-1]) if b_out is None else b_out
+        y, nodes, pre = _NeuronTree.apply(x, w_in, b_in, w_out, bias, activation_code(activation))
     return (y, nodes, pre) if preactivations else (y, nodes)
 
 

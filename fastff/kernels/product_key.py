@@ -1,6 +1,7 @@
 """The product-key feedforward's fast paths: a vectorised torch forward (any device, differentiable),
-the CPU training path (differentiable; numba kernels for the selection and the experts,
-``numba/product_key.py``) and the CPU inference kernel (numba, no gradient).
+the CPU training path (differentiable; numba kernels for the selection, ``numba/product_key.py``,
+and the gathered-row ops of ``gathered.py`` for the experts) and the CPU inference kernel (numba,
+no gradient).
 
 All compute ``fastff.kernels.product_key_reference.product_key`` (its docstring defines the
 function and the selection rule: ties to the smaller index) in O(k) experts per row: the torch
@@ -18,9 +19,8 @@ import torch.nn.functional as F
 
 from ..functional import activation_code, get_activation
 from ..threads import follow_torch_threads, with_torch_threads
-from . import cpu
+from . import cpu, gathered
 from .numba import product_key as kernel
-from .numba.common import group_rows
 from .product_key_reference import EPS
 from .routing import needs_grad
 
@@ -133,9 +133,6 @@ def product_key_cpu(x, w_query, sub_keys, w_in, w_out, b_out, top_k: int, activa
 
 # ----------------------------------------------------------------------------- CPU training
 
-WEIGHT_BLOCKS_PER_THREAD = 4   # expert ranges per thread in the weight-gradient kernel
-
-
 class _Route(torch.autograd.Function):
     """``select`` and the softmax over each head's selected scores, on the numba kernels:
     s (B, H, 2, n) sub-key scores -> (weights (B, H, k), experts (B, H, k) long); the weights are
@@ -174,63 +171,17 @@ def route_cpu(s: torch.Tensor, top_k: int):
     return _Route.apply(s, top_k)
 
 
-def _weight_blocks(starts: np.ndarray) -> np.ndarray:
-    """Expert ranges for the parallel weight-gradient kernel: ``WEIGHT_BLOCKS_PER_THREAD`` per
-    thread, cut so each holds about as many pairs plus experts (the rows it writes)."""
-    n = starts.shape[0] - 1
-    cost = starts + np.arange(n + 1)
-    blocks = min(n, WEIGHT_BLOCKS_PER_THREAD * torch.get_num_threads())
-    cuts = np.searchsorted(cost, np.arange(1, blocks) * cost[-1] // blocks)
-    return np.concatenate(([0], np.minimum(cuts, n), [n])).astype(np.int64)
-
-
-class _Experts(torch.autograd.Function):
-    """The expert part on the numba kernels: x (B, I), p (B, S), w_in (N, I), w_out (N, O), idx
-    (B, S) long, activation code -> y (B, O) = Σ_j p[:, j] · act(x · w_in[idx[:, j]]) · w_out[idx[:, j]].
-    Differentiable in x, p, w_in and w_out; weight gradients are dense (N, ·) tensors, zero in the
-    rows no pair selects."""
-
-    @staticmethod
-    @follow_torch_threads
-    def forward(ctx, x, p, w_in, w_out, idx, code):
-        xa, ia = cpu._np(x), cpu._np(idx)
-        B, S = ia.shape
-        y, pre = np.empty((B, w_out.shape[1]), xa.dtype), np.empty((B, S), xa.dtype)
-        if B and S:
-            kernel.pk_experts(xa, cpu._np(p), ia, cpu._np(w_in), cpu._np(w_out), code, pre, y)
-        else:
-            y.fill(0)
-        ctx.save_for_backward(x, p, w_in, w_out, idx, torch.from_numpy(pre))
-        ctx.code = code
-        return torch.from_numpy(y)
-
-    @staticmethod
-    @follow_torch_threads
-    def backward(ctx, g):
-        x, p, w_in, w_out, idx, pre = (cpu._np(t) for t in ctx.saved_tensors)
-        g = cpu._np(g)
-        (B, S), N = idx.shape, w_in.shape[0]
-        gx, gp = np.zeros_like(x), np.zeros_like(p)
-        da, ph = np.empty_like(p), np.empty_like(p)
-        if B and S:
-            kernel.pk_expert_row_grads(g, p, idx, w_in, w_out, pre, ctx.code, gx, gp, da, ph)
-        gw_in, gw_out = None, None
-        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            gw_in, gw_out = np.empty_like(w_in), np.empty_like(w_out)
-            order, starts = group_rows(idx.reshape(-1), N)
-            kernel.pk_expert_weight_grads(x, g, da.reshape(-1), ph.reshape(-1), S, order, starts,
-                                          _weight_blocks(starts), gw_in, gw_out)
-            gw_in, gw_out = torch.from_numpy(gw_in), torch.from_numpy(gw_out)
-        return torch.from_numpy(gx), torch.from_numpy(gp), gw_in, gw_out, None, None
-
-
 def experts_cpu(x, p, w_in, w_out, experts, activation: str) -> torch.Tensor:
-    """y (B, O) = Σ_j p[:, j] · act(x · w_in[e]) · w_out[e], e = experts[:, j], on the numba kernels
-    (forward and backward O(S·(I + O)) per row). x (B, I), p (B, S), experts (B, S) long; CPU
-    float32 / float64 (raises like ``cpu.check_tensors`` otherwise). Differentiable in x, p, w_in
-    and w_out, with the gradients of the torch expression ``mix`` evaluates."""
+    """y (B, O) = Σ_j p[:, j] · act(x · w_in[e]) · w_out[e], e = experts[:, j]: the gathered-row ops
+    (``gathered.gathered_dots`` for the pre-activations, ``gathered_combine`` for the output; numba
+    forward and backward, O(S·(I + O)) per row), the activation and weights in torch on (B, S).
+    x (B, I), p (B, S), experts (B, S) long; CPU float32 / float64 (raises like
+    ``cpu.check_tensors`` otherwise). Differentiable in x, p, w_in and w_out, with the gradients of
+    the torch expression ``mix`` evaluates; weight gradients are dense, zero in the rows no pair
+    selects."""
     cpu.check_tensors(x, p, w_in, w_out)
-    return _Experts.apply(x, p, w_in, w_out, experts, activation_code(activation))
+    h = get_activation(activation)(gathered.gathered_dots(x, w_in, experts))
+    return gathered.gathered_combine(p * h, w_out, experts)
 
 
 def product_key_train_cpu(x, w_query, sub_keys, w_in, w_out, b_out, top_k: int, activation: str, query_norm: str,

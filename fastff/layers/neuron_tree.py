@@ -14,7 +14,7 @@ from .dense import DenseFF
 
 USAGE = (None, "hard")
 GATES = ("none", "path")
-ROUTED_OPTION_BACKENDS = ("reference", "torch")   # the backends that implement route_bias and gate="path"
+ROUTED_OPTION_BACKENDS = ("reference", "torch", "cpu")   # the backends that implement route_bias and gate="path"
 
 
 class NeuronTree(EagerKernel, RoutedLayer):
@@ -48,9 +48,11 @@ class NeuronTree(EagerKernel, RoutedLayer):
     - ``dense_slice`` (width): a ``DenseFF`` of that width and the same activation, ``dense``,
       evaluated for every row and added to the output (counted in both widths).
 
-    ``route_bias > 0`` and ``gate="path"`` run on the ``"torch"`` / ``"reference"`` backends only:
-    ``"auto"`` runs such a layer on ``"torch"`` (eval and training, no prepared fast path), and
-    ``"cpu"`` / ``"triton"`` raise ``ValueError``.
+    ``route_bias > 0`` and ``gate="path"`` run on the ``"cpu"``, ``"torch"`` and ``"reference"``
+    backends: ``"auto"`` runs such a layer (eval and training, no prepared fast path) on ``"cpu"``
+    for CPU float32/float64 tensors outside ``torch.compile`` tracing (the walk on the grouped
+    descent, the visited neurons on ``fastff.kernels.gathered``'s ops, O(K·(D+1)·(in+out)) per
+    row, forward and backward), else on ``"torch"``; ``"triton"`` raises ``ValueError``.
 
     Every training forward records in ``aux["node_balance"]`` (K, M), per decision node reached
     by n of the B rows, ``(n/B)·(mean over those rows of sigmoid(routing logit) - 1/2)^2`` (0
@@ -124,12 +126,12 @@ class NeuronTree(EagerKernel, RoutedLayer):
             return
         used = ([f"route_bias={self.route_bias_rate}"] if "route_bias" in self._buffers else []) + \
             (["gate='path'"] if self.gate == "path" else [])
-        raise ValueError(f"NeuronTree options {' and '.join(used)} run on the 'torch' and 'reference' backends only; "
-                         f"backend {name!r} does not implement them (backend 'auto' or None runs them on 'torch')")
+        raise ValueError(f"NeuronTree options {' and '.join(used)} run on the 'cpu', 'torch' and 'reference' backends "
+                         f"only; backend {name!r} does not implement them (backend 'auto' or None picks one)")
 
     def _backend(self, training: bool):
         """The backend of this forward (``kernels.resolve``); with routing options in use, one that
-        implements them (``"auto"`` -> ``"torch"``)."""
+        implements them (``"auto"`` picks ``"cpu"`` or ``"torch"`` per call)."""
         backend = kernels.resolve(self.backend, training=training)
         if self.routed_options() and backend is not kernels.AUTO:
             self._check_backend(next(n for n, m in kernels.BACKENDS.items() if m is backend))

@@ -15,11 +15,8 @@ experts (B, H·k).
 The training kernels split the layer where autograd must see it: torch computes the queries and
 the sub-key scores s (B, H, 2, n); ``pk_route`` picks the experts from s (same rule) and
 weighs them (the softmax of their scores), ``pk_route_grad`` is its backward; the expert part
-runs on the S = H·k selected (row, slot) pairs with weights p (B, S) and experts idx (B, S):
-``pk_experts`` (forward, recording the pre-activations), ``pk_expert_row_grads`` (per row: the
-gradients of x and p, and the per-pair coefficients of the weight gradients) and
-``pk_expert_weight_grads`` (per expert: its rows of the w_in / w_out gradients, the pairs
-grouped by expert, so every gradient row has one writer).
+runs on the gathered-row kernels (``gathered.py``: dot products with the selected w_in rows,
+the weighted sum of the selected w_out rows, weight gradients grouped by expert).
 """
 from __future__ import annotations
 
@@ -28,7 +25,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .common import JIT, act, act_grad, axpy, axpy4, dot4, dot_plus, gather_gemv, like
+from .common import JIT, act, dot_plus, gather_gemv, like
 
 # query_norm -> the kernel's norm code
 NORM_CODES = {"none": 0, "layer": 1, "batch": 2}
@@ -237,81 +234,3 @@ def pk_route_grad(g, weights, experts, n, gs):
                     d = weights[r, h, j] * (g[r, h, j] - dot)
                     gs[r, h, 0, e // n] += d
                     gs[r, h, 1, e % n] += d
-
-
-@njit(inline="always", **JIT)
-def _expert_dots(v, w, idx, zero, res):
-    """res[j] = v · w[idx[j]] for the S = idx.shape[0] rows of w, four per pass over v."""
-    S = idx.shape[0]
-    j = 0
-    while j + 4 <= S:
-        res[j], res[j + 1], res[j + 2], res[j + 3] = dot4(w[idx[j]], w[idx[j + 1]], w[idx[j + 2]], w[idx[j + 3]],
-                                                          v, zero)
-        j += 4
-    for u in range(j, S):
-        res[u] = dot_plus(v, w[idx[u]], zero)
-
-
-@njit(parallel=True, **JIT)
-def pk_experts(x, p, idx, w_in, w_out, code, pre, y):
-    """y[r] = Σ_j p[r, j] · act(x[r] · w_in[e]) · w_out[e], e = idx[r, j]; pre[r, j] = x[r] · w_in[e].
-    x (B, I), p (B, S), idx (B, S), y (B, O), pre (B, S). Chunks of ``CHUNK`` rows in parallel."""
-    B, S = idx.shape
-    zero = like(w_in[0, 0], 0.0)
-    for c in prange((B + CHUNK - 1) // CHUNK):
-        coef = np.empty(S, x.dtype)
-        for r in range(c * CHUNK, min(B, (c + 1) * CHUNK)):
-            a = pre[r]
-            _expert_dots(x[r], w_in, idx[r], zero, a)
-            for j in range(S):
-                coef[j] = p[r, j] * act(a[j], code)
-            o = y[r]
-            o[:] = zero
-            gather_gemv(o, coef, w_out, idx[r])
-
-
-@njit(parallel=True, **JIT)
-def pk_expert_row_grads(g, p, idx, w_in, w_out, pre, code, gx, gp, da, ph):
-    """Per row r and slot j (e = idx[r, j], a = pre[r, j], z = g[r] · w_out[e]): gp[r, j] = act(a)·z
-    (the gradient of p), da[r, j] = p·act'(a)·z (of the pre-activation), ph[r, j] = p·act(a) (the
-    coefficient of g[r] in the gradient of w_out[e]); gx[r] = Σ_j da[r, j] · w_in[e].
-    g (B, O), gx (B, I), the rest (B, S). Chunks of ``CHUNK`` rows in parallel."""
-    B, S = idx.shape
-    zero = like(w_in[0, 0], 0.0)
-    for c in prange((B + CHUNK - 1) // CHUNK):
-        z = np.empty(S, g.dtype)
-        for r in range(c * CHUNK, min(B, (c + 1) * CHUNK)):
-            _expert_dots(g[r], w_out, idx[r], zero, z)
-            for j in range(S):
-                h, d = act_grad(pre[r, j], code)
-                gp[r, j] = h * z[j]
-                da[r, j] = p[r, j] * d * z[j]
-                ph[r, j] = p[r, j] * h
-            o = gx[r]
-            o[:] = zero
-            gather_gemv(o, da[r], w_in, idx[r])
-
-
-@njit(inline="always", **JIT)
-def _pair_sum(o, c, v, order, s, e, S):
-    """o = Σ_{m in [s, e)} c[order[m]] · v[order[m] // S] (pairs numbered r·S + j), four per pass."""
-    o[:] = 0
-    m = s
-    while m + 4 <= e:
-        q0, q1, q2, q3 = order[m], order[m + 1], order[m + 2], order[m + 3]
-        axpy4(o, c[q0], v[q0 // S], c[q1], v[q1 // S], c[q2], v[q2 // S], c[q3], v[q3 // S])
-        m += 4
-    for u in range(m, e):
-        axpy(o, c[order[u]], v[order[u] // S])
-
-
-@njit(parallel=True, **JIT)
-def pk_expert_weight_grads(x, g, da, ph, S, order, starts, blocks, gw_in, gw_out):
-    """gw_in[e] = Σ da[r, j] · x[r] and gw_out[e] = Σ ph[r, j] · g[r] over the pairs (r, j) with
-    idx[r, j] = e (zero for experts no pair selects). da, ph flattened (B·S,); order, starts: the
-    pairs r·S + j grouped by expert (``common.group_rows``); blocks (T + 1,): expert ranges
-    [blocks[t], blocks[t+1]), in parallel, each expert's rows written by one thread."""
-    for t in prange(blocks.shape[0] - 1):
-        for e in range(blocks[t], blocks[t + 1]):
-            _pair_sum(gw_in[e], da, x, order, starts[e], starts[e + 1], S)
-            _pair_sum(gw_out[e], ph, g, order, starts[e], starts[e + 1], S)
