@@ -249,3 +249,24 @@ def test_a_family_gaining_an_option_keeps_finished_runs_loadable(splits, tmp_pat
     monkeypatch.setitem(F.FAMILIES, "neuron-tree", newer)
     model, _, config = L.load_run(tmp_path / "run")
     assert "later_option" not in config["model"]["ffn_options"] and model is not None
+
+
+def test_a_grid_process_waits_for_a_run_another_process_is_training(splits, tmp_path, monkeypatch):
+    """Grid processes sharing a root do not crash on each other's runs: a locked run is waited
+    for, then read back once the other process has finished it."""
+    import argparse
+    from fastff.apps import lm_grid
+
+    args = argparse.Namespace(runs=str(tmp_path / "grid"), layers=1, dim=16, heads=2, context=16, batch=4, quiet=True)
+    grid = lm_grid.Grid(args, splits, lambda name: ("dense", dict(ffn="dense", ffn_width=8), {}))
+    holder = RunDir(tmp_path / "grid" / "r_s0", "new")                    # the other process
+    waits = []
+
+    def other_process_finishes(seconds):
+        waits.append(seconds)
+        (tmp_path / "grid" / "r_s0" / "metrics.json").write_text(json.dumps({"finished": True, "val_loss": 1.5}))
+        holder.close()
+
+    monkeypatch.setattr(lm_grid.time, "sleep", other_process_finishes)
+    assert grid.train("r_s0", "dense-8", 4, 0, 1e-3)["val_loss"] == 1.5
+    assert waits == [lm_grid.LOCK_POLL_SECONDS]

@@ -42,11 +42,14 @@ VARIANTS = {
     "neuron-tree-1x9": ("neuron-tree", dict(ffn="neuron-tree", ffn_width=1023, ffn_options=dict(depth=9)), {}),
     "neuron-tree-2x9": ("neuron-tree", dict(ffn="neuron-tree", ffn_width=2046, ffn_options=dict(trees=2, depth=9)),
                         {}),
+    # product keys (PEER): key_heads·(top_k + key_dim + n_keys) neurons per token: 1·(8 + 8 + 16) = 32
+    "pk-1x8-n16": ("product-key", dict(ffn="product-key", ffn_width=256,
+                                       ffn_options=dict(key_heads=1, top_k=8, key_dim=8)), {}),
     # FFF trained on its hard path, gate-scaled leaves: 4 nodes + 16 leaf neurons = 20 per token
     "fff-d4-l16": ("fff", dict(ffn="fff", ffn_width=256, ffn_options=dict(leaf=16, train_mode="hard_path")),
                    dict(balance=0.01)),
 }
-MAIN = ("dense-512", "dense-20", "dense-48", "moe-16x32", "fff-d4-l16", "neuron-tree-2x9")
+MAIN = ("dense-512", "dense-20", "dense-32", "dense-48", "moe-16x32", "fff-d4-l16", "neuron-tree-2x9", "pk-1x8-n16")
 # tree remedies and shapes, each a variation of a MAIN tree: name -> (base variant, fields, overrides)
 ABLATIONS = {
     "neuron-tree-1x9": ("neuron-tree-1x9", {}, {}),
@@ -54,6 +57,16 @@ ABLATIONS = {
     "nt-2x9-identity": ("neuron-tree-2x9", dict(ffn_options=dict(trees=2, depth=9, activation="identity")), {}),
     "nt-4x7": ("neuron-tree-2x9", dict(ffn_width=1020, ffn_options=dict(trees=4, depth=7)), {}),
     "nt-2x9-local-adam": ("neuron-tree-2x9", {}, dict(optimizer="local-adam", weight_decay=0.0)),
+    "nt-2x9-route-bias": ("neuron-tree-2x9", dict(ffn_options=dict(trees=2, depth=9, route_bias=1e-3)), {}),
+    "nt-2x9-gate": ("neuron-tree-2x9", dict(ffn_options=dict(trees=2, depth=9, gate="path")), {}),
+    "nt-2x9-gate-route-bias": ("neuron-tree-2x9", dict(ffn_options=dict(trees=2, depth=9, gate="path",
+                                                                        route_bias=1e-3)), {}),
+    "nt-2x9-node-balance": ("neuron-tree-2x9", {}, dict(balance=0.01)),
+    # 2 trees of depth 8 (18 neurons) + an always-on dense slice of 12 = 30 per token
+    "nt-2x8-slice-12": ("neuron-tree-2x9", dict(ffn_width=2 * 511 + 12,
+                                                ffn_options=dict(trees=2, depth=8, dense_slice=12)), {}),
+    # product keys at 48 neurons per token (the MoE control's active width): 1·(16 + 16 + 16)
+    "pk-1x16-n16": ("pk-1x8-n16", dict(ffn_options=dict(key_heads=1, top_k=16, key_dim=16)), {}),
     "fff-d4-l16-no-balance": ("fff-d4-l16", {}, dict(balance=0.0)),
     "fff-d4-l32": ("fff-d4-l16", dict(ffn_width=512, ffn_options=dict(leaf=32, train_mode="hard_path")), {}),
 }

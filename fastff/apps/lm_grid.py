@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
 
 from ..models.gpt import GPT, GPTConfig, NoFFN
 from ..training.lm import LMTrainConfig, fit
-from ..training.run import read_json
+from ..training.run import RunLocked, read_json
 from .timing import median_times
+
+LOCK_POLL_SECONDS = 30   # how often a grid process looks again at a run another one is training
 
 
 class Grid:
@@ -29,11 +32,20 @@ class Grid:
         return GPTConfig(vocab_size=len(self.splits.vocab), **{k: getattr(self.args, k) for k in ('layers', 'dim', 'heads', 'context')}, **fields)
 
     def train(self, run_name: str, variant: str, steps: int, seed: int, lr: float) -> dict:
-        """Train (or read back) one run; returns its metrics."""
+        """Train (or read back) one run; returns its metrics. A run another process is training
+        (several grid processes share a root) is waited for, then read back."""
+        while True:
+            metrics = self.root / run_name / "metrics.json"
+            if metrics.exists() and read_json(metrics).get("finished", True):     # older runs: written when finished
+                return read_json(metrics)
+            try:
+                return self._train(run_name, variant, steps, seed, lr)
+            except RunLocked:
+                print(f"{run_name}: another process is training it; waiting", flush=True)
+                time.sleep(LOCK_POLL_SECONDS)
+
+    def _train(self, run_name: str, variant: str, steps: int, seed: int, lr: float) -> dict:
         out = self.root / run_name
-        metrics = out / "metrics.json"
-        if metrics.exists() and read_json(metrics).get("finished", True):     # older runs: written when finished
-            return read_json(metrics)
         family, fields, overrides = self.variant_of(variant)
         options = dict(lr=lr, warmup=min(100, steps // 10), eval_every=max(1, steps // self.evals)) | overrides
         cfg = LMTrainConfig(steps=steps, batch_size=self.args.batch, seed=seed, **options)

@@ -50,6 +50,10 @@ STEP_MILESTONES = (0.5, 0.75)           # "step": lr x0.1 after these fractions 
 FILE_MODE = 0o644                       # run files are readable by others, like files written with open()
 
 
+class RunLocked(ValueError):
+    """Another process holds the run directory's lock (it is training that run now)."""
+
+
 class Interrupted(Exception):
     """Training stopped by SIGINT / SIGTERM after writing a checkpoint; ``str()`` says how to resume."""
 
@@ -155,7 +159,7 @@ class RunDir:
         except OSError as e:
             self._lock.close()
             if e.errno in (errno.EAGAIN, errno.EACCES):
-                raise ValueError(f"another process is writing the run in {self.path}; wait for it or choose "
+                raise RunLocked(f"another process is writing the run in {self.path}; wait for it or choose "
                                  f"another --out") from None
             raise
         self.mode = mode
