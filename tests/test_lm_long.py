@@ -28,6 +28,7 @@ def test_long_regime_grid_and_report(tmp_path):
     md = (results / "lm_long.md").read_text()
     assert "## Main rows: shakespeare" in md and "## Main rows: fortunes" in md and "## Tree ablations" in md
     assert "vs dense-20" in md and "Capacity of neuron-tree-2x9" in md
+    assert "- nt-2x9-tanh (20 neurons/token)" in md and "nats for the conditional layer" in md
     rows = json.loads((results / "lm_long.json").read_text())
     tree = next(r for r in rows if r["run"] == "main_neuron-tree-2x9_s0" and r["corpus"] == "shakespeare")
     assert tree["neurons_per_token"] == 20 and len(tree["capacity"]) == 4      # one record per layer

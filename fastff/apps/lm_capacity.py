@@ -245,6 +245,19 @@ def _verdicts(rows: list[dict], corpus: str) -> list[str]:
     return out
 
 
+def _against_equal_dense(rows: list[dict], dense: list[dict]) -> list[str]:
+    """One line per variant of ``rows``: its loss against the dense FFN of the same neurons per
+    token (seed 0 of the main rows of the same corpus), where one was trained."""
+    widths = {r["neurons_per_token"]: r for r in dense if r["variant"].startswith("dense-") and r["seed"] == 0}
+    out = []
+    for r in sorted(rows, key=lambda r: r["val_loss"]):
+        d = widths.get(r["neurons_per_token"])
+        if d is not None and r["variant"] != d["variant"]:
+            out.append(f"- {r['variant']} ({r['neurons_per_token']} neurons/token) {r['val_loss']:.3f} vs {d['variant']} "
+                       f"{d['val_loss']:.3f}: {d['val_loss'] - r['val_loss']:+.3f} nats for the conditional layer.")
+    return out
+
+
 def _plot_pruning(rows: list[dict], path: Path) -> None:
     """The auto-pruning curves: dead-unit fraction (worst layer) vs step, seed 0, one line per variant."""
     import matplotlib
@@ -284,7 +297,10 @@ def write_report(root: Path, corpora: list[str], out: Path, command: str) -> Pat
             text += [f"## Main rows: {corpus}\n", *_rows_table(main), "", *_verdicts(main, corpus), ""]
     ablations = [r for r in rows if r["stage"] == "ablation"]
     if ablations:
-        text += [f"## Tree ablations ({corpora[0]}, seed 0)\n", *_rows_table(ablations), ""]
+        main0 = [r for r in rows if r["corpus"] == corpora[0] and r["stage"] == "main"]
+        text += [f"## Tree ablations ({corpora[0]}, seed 0)\n", *_rows_table(ablations), "",
+                 "Against the dense FFN of equal neurons per token (seed 0):\n",
+                 *_against_equal_dense(ablations + [r for r in main0 if r["seed"] == 0], main0), ""]
     tune = [r for r in rows if r["stage"] == "tune"]
     if tune:
         text += ["## Learning-rate search\n", "| run | val loss |", "|---|---:|",
