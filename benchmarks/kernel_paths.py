@@ -43,18 +43,18 @@ def main() -> None:
     wi, bi, wo, bo = cpu.weights_np(nt.w_in, nt.b_in, nt.w_out, nt.b_out)
     split, tile = cpu.nt_split(12, (d + d) * 4), cpu.tile_rows(B, d * 4)
     pre, nodes = np.empty((B, 1, 12), np.float32), np.empty((B, 1, 12), np.int64)
-    no_flip = np.zeros((0, 1, 12), np.uint8)
+    no_flip, no_bias = np.zeros((0, 1, 12), np.uint8), np.zeros((0, 0), np.float32)
 
     def grouped(s):
         order, tiles = common.route(x, wi, bi, no_flip, s, tile, pre, nodes)
         infer.nt_outputs(pre, nodes, wo, bo, code, order, tiles, out)
 
-    fns = {"per-row walk": lambda: infer.nt_serial(x, wi, bi, wo, bo, 12, code, out)}
+    fns = {"per-row walk": lambda: infer.nt_serial(x, wi, bi, wo, bo, no_bias, False, 12, code, out)}
     for s in sorted({split - 2, split, split + 1} & set(range(1, 12))):
         fns[f"grouped, split {s}" + (" (auto)" if s == split else "")] = (lambda s: lambda: grouped(s))(s)
     fns["grouped descent only (no outputs)"] = lambda: common.route(x, wi, bi, no_flip, split, tile, pre, nodes)
     same = np.repeat(x[:1], B, axis=0)
-    fns["per-row walk, every row on one path"] = lambda: infer.nt_serial(same, wi, bi, wo, bo, 12, code, out)
+    fns["per-row walk, every row on one path"] = lambda: infer.nt_serial(same, wi, bi, wo, bo, no_bias, False, 12, code, out)
     report("NeuronTree 1x11", cpu_times(fns), B)
 
     ff = fastff.FFF(d, d, 8, 16, activation="gelu")

@@ -109,7 +109,7 @@ def test_grouped_descent_equals_walk_at_every_split(depth, trees, rows, tile, dt
     x = torch.randn(rows, 12, dtype=dtype).numpy()
     w_in, b_in, w_out, b_out = (p.detach().numpy() for p in nt_params(n))
     walk = np.empty((rows, 5), x.dtype)
-    infer.nt_serial(x, w_in, b_in, w_out, b_out, depth + 1, 1, walk)
+    infer.nt_serial(x, w_in, b_in, w_out, b_out, np.zeros((0, 0), x.dtype), False, depth + 1, 1, walk)
     visits = R.neuron_tree_visits(torch.from_numpy(x), n.w_in.detach(), n.b_in.detach()).numpy()
     keep = (torch.stack([route_margin(torch.from_numpy(x), n.w_in[k], n.b_in[k], depth + 1) for k in range(trees)])
             .amin(0) > 1e-4).numpy() if rows else np.zeros(0, bool)

@@ -150,16 +150,19 @@ class Prepared:
         return y if len(shape) == 2 else y.view(*shape[:-1], self.out_features)
 
 
-def prepare_neuron_tree(w_in, b_in, w_out, b_out, activation: str) -> Prepared:
-    """``Prepared`` NeuronTree (shapes as in ``neuron_tree``; b_out may be None). Raises like
-    ``check_tensors`` / ``functional.activation_code``."""
-    check_tensors(w_in, b_in, w_out, b_out)
+def prepare_neuron_tree(w_in, b_in, w_out, b_out, route_bias, activation: str, gate: bool = False) -> Prepared:
+    """``Prepared`` NeuronTree (shapes as in ``neuron_tree``; b_out and route_bias may be None).
+    Raises like ``check_tensors`` / ``functional.activation_code``."""
+    check_tensors(w_in, b_in, w_out, b_out, route_bias)
     code = activation_code(activation)
     wi, bi, wo = _weight_np(w_in), _weight_np(b_in), _weight_np(w_out)
     bo = _NO_BIAS[wi.dtype] if b_out is None else _weight_np(b_out)
+    rb = _NO_ROUTE_BIAS[wi.dtype] if route_bias is None else _weight_np(route_bias)
     levels = tree_levels(wi.shape[1])
-    return Prepared((activation,), wi, wo.shape[2], _nt_row_bytes(wi, wo, levels),
-                    infer.nt_serial, (wi, bi, wo, bo, levels, code), neuron_tree_run, ((wi, bi, wo, bo), code))
+    run = (neuron_tree_run if route_bias is None and not gate
+           else functools.partial(neuron_tree_run, route_bias=rb, gate=gate))
+    return Prepared((activation, gate), wi, wo.shape[2], _nt_row_bytes(wi, wo, levels), infer.nt_serial,
+                    (wi, bi, wo, bo, rb, gate, levels, code), run, ((wi, bi, wo, bo), code))
 
 
 def prepare_fff(node_w, node_b, w1, b1, w2, b2, activation: str, gated: bool) -> Prepared:
@@ -205,6 +208,7 @@ def prepare(op: str, weights: tuple, activation: str, *flags) -> Prepared | None
 
 
 _NO_BIAS = {np.dtype(dt): np.zeros(0, dt) for dt in (np.float32, np.float64)}
+_NO_ROUTE_BIAS = {np.dtype(dt): np.zeros((0, 0), dt) for dt in (np.float32, np.float64)}
 
 
 def _tracing(x: torch.Tensor) -> bool:
@@ -290,22 +294,27 @@ def route(xa: np.ndarray, w: np.ndarray, b: np.ndarray, flip: np.ndarray | None,
     return pre, nodes, order, tiles
 
 
-def neuron_tree_run(xa: np.ndarray, weights: tuple, code: int, out: np.ndarray) -> None:
+def neuron_tree_run(xa: np.ndarray, weights: tuple, code: int, out: np.ndarray, route_bias: np.ndarray | None = None,
+                    gate: bool = False) -> None:
     """The numba part of ``neuron_tree``: out (B, O) = NeuronTree(xa (B, I)) for ``weights`` =
-    numpy (w_in, b_in, w_out, b_out or None) and an activation code."""
+    numpy (w_in, b_in, w_out, b_out or None), an activation code and the routing options
+    (route_bias (K, M) or None, gate). Large batches of a plain tree run grouped by path; with
+    routing options every batch runs the per-row walk (in parallel from ``_parallel``'s size)."""
     wi, bi, wo, bo = weights
     rows = xa.shape[0]
     if rows == 0:
         return
     if bo is None:
         bo = _NO_BIAS[xa.dtype]
+    plain = route_bias is None or route_bias.shape[1] == 0
+    rb = _NO_ROUTE_BIAS[xa.dtype] if plain else route_bias
     levels = tree_levels(wi.shape[1])
-    if rows >= THROUGHPUT_MIN_ROWS:
+    if rows >= THROUGHPUT_MIN_ROWS and plain and not gate:
         _nt_grouped(xa, wi, bi, wo, bo, code, levels, out)
-    elif _parallel(rows, _nt_row_bytes(wi, wo, levels)):
-        with_torch_threads(infer.nt_parallel, xa, wi, bi, wo, bo, levels, code, out)
+    elif rows >= THROUGHPUT_MIN_ROWS or _parallel(rows, _nt_row_bytes(wi, wo, levels)):
+        with_torch_threads(infer.nt_parallel, xa, wi, bi, wo, bo, rb, gate, levels, code, out)
     else:
-        infer.nt_serial(xa, wi, bi, wo, bo, levels, code, out)
+        infer.nt_serial(xa, wi, bi, wo, bo, rb, gate, levels, code, out)
 
 
 def _nt_grouped(xa, wi, bi, wo, bo, code, levels, out) -> tuple:
@@ -345,7 +354,7 @@ def _fff_hard_fake(x, node_w, node_b, w1, b1, w2, b2, activation, gated):
 def neuron_tree_op(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, w_out: torch.Tensor,
                    b_out: Optional[torch.Tensor], activation: str) -> torch.Tensor:
     """``torch.ops.fastff.neuron_tree_hard``: NeuronTree inference on the numba kernels. -> (B, O)."""
-    return eager(prepared(prepare_neuron_tree, (w_in, b_in, w_out, b_out), activation), x)
+    return eager(prepared(prepare_neuron_tree, (w_in, b_in, w_out, b_out, None), activation, False), x)
 
 
 @neuron_tree_op.register_fake
@@ -370,16 +379,16 @@ def fff_hard(x, node_w, node_b, w1, b1, w2, b2, activation: str, gated: bool = F
 
 def neuron_tree(x, w_in, b_in, w_out, b_out, activation: str, route_bias=None, gate: bool = False) -> torch.Tensor:
     """NeuronTree forward. x (B, I) -> (B, O); same result as ``reference.neuron_tree``.
-    Without gradients as in ``fff_hard`` (op ``torch.ops.fastff.neuron_tree_hard``); with
-    gradients, or with ``route_bias`` / ``gate`` (as in ``neuron_tree_paths``), ``neuron_tree_paths``."""
+    Without gradients as in ``fff_hard`` (op ``torch.ops.fastff.neuron_tree_hard``), the routing
+    options ``route_bias`` / ``gate`` (as in ``neuron_tree_paths``) on the prepared walk too
+    (traced: ``neuron_tree_paths``); with gradients ``neuron_tree_paths``."""
     weights = (w_in, b_in, w_out, b_out)
-    if route_bias is not None or gate:
+    routed = route_bias is not None or gate
+    if routing.needs_grad(x, *weights) or (routed and _tracing(x)):
         return neuron_tree_paths(x, *weights, activation, route_bias, gate)[0]
-    if routing.needs_grad(x, *weights):
-        return neuron_tree_paths(x, *weights, activation)[0]
     if _tracing(x):
         return torch.ops.fastff.neuron_tree_hard(x, *weights, activation)
-    return eager(prepared(prepare_neuron_tree, weights, activation), x)
+    return eager(prepared(prepare_neuron_tree, (*weights, route_bias), activation, gate), x)
 
 
 # ----------------------------------------------------------------------------- training

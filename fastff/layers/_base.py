@@ -120,11 +120,12 @@ class EagerKernel:
         is not one inference op (then every eval call takes the general path)."""
         raise NotImplementedError
 
-    def _prepared(self, backend, op: str, names: tuple):
-        """``backend.prepare(op, weights, *_eager_config())`` for the parameters ``names``, or None
-        when the backend has no prepared path or a parameter is not registered here (e.g.
-        parametrized)."""
+    def _prepared(self, backend, op: str, names: tuple, buffers: tuple = ()):
+        """``backend.prepare(op, weights, *_eager_config())`` for the parameters ``names`` followed
+        by the ``buffers`` (None where absent), or None when the backend has no prepared path or a
+        parameter is not registered here (e.g. parametrized)."""
         prepare = getattr(backend, "prepare", None)
         if prepare is None or not all(n in self._parameters for n in names):
             return None
-        return prepare(op, tuple(self._parameters[n] for n in names), *self._eager_config())
+        weights = (*(self._parameters[n] for n in names), *(self._buffers.get(n) for n in buffers))
+        return prepare(op, weights, *self._eager_config())

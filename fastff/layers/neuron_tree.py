@@ -49,10 +49,11 @@ class NeuronTree(EagerKernel, RoutedLayer):
       evaluated for every row and added to the output (counted in both widths).
 
     ``route_bias > 0`` and ``gate="path"`` run on the ``"cpu"``, ``"torch"`` and ``"reference"``
-    backends: ``"auto"`` runs such a layer (eval and training, no prepared fast path) on ``"cpu"``
-    for CPU float32/float64 tensors outside ``torch.compile`` tracing (the walk on the grouped
-    descent, the visited neurons on ``fastff.kernels.gathered``'s ops, O(K·(D+1)·(in+out)) per
-    row, forward and backward), else on ``"torch"``; ``"triton"`` raises ``ValueError``.
+    backends: ``"auto"`` runs such a layer on ``"cpu"`` for CPU float32/float64 tensors outside
+    ``torch.compile`` tracing (no-grad eval: the prepared per-row walk with offset and gate;
+    training: the walk on the grouped descent, the visited neurons on ``fastff.kernels.gathered``'s
+    ops, O(K·(D+1)·(in+out)) per row, forward and backward), else on ``"torch"``; ``"triton"``
+    raises ``ValueError``.
 
     Every training forward records in ``aux["node_balance"]`` (K, M), per decision node reached
     by n of the B rows, ``(n/B)·(mean over those rows of sigmoid(routing logit) - 1/2)^2`` (0
@@ -143,15 +144,10 @@ class NeuronTree(EagerKernel, RoutedLayer):
             self.neuron_usage.zero_()
 
     def _eager_config(self) -> tuple:
-        return (self.activation,)
-
-    def _eager_forward(self, x: torch.Tensor) -> torch.Tensor | None:
-        if self.routed_options():          # no prepared path computes the routing options
-            return None
-        return super()._eager_forward(x)
+        return (self.activation, self.gate == "path")
 
     def _prepare_eager(self, backend):
-        tree = self._prepared(backend, "neuron_tree", ("w_in", "b_in", "w_out", "b_out"))
+        tree = self._prepared(backend, "neuron_tree", ("w_in", "b_in", "w_out", "b_out"), ("route_bias",))
         if tree is None or self.dense is None:
             return tree
 

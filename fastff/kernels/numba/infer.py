@@ -13,7 +13,8 @@
 FFF kernels take ``gated``: multiply each row's leaf output by the product of the taken
 branches' probabilities (what an FFF trained with ``train_mode="hard_path"`` computes).
 Shapes: x (B, I); FFF node_w (N, I), node_b (N,), w1 (L, I, H), b1 (L, H), w2 (L, H, O),
-b2 (L, O); NeuronTree w_in (K, M, I), b_in (K, M), w_out (K, M, O), b_out (O,) or (0,).
+b2 (L, O); NeuronTree w_in (K, M, I), b_in (K, M), w_out (K, M, O), b_out (O,) or (0,); the
+NeuronTree walk also takes the routing options (``route_bias`` (K, M) or (0, 0), ``gated``).
 """
 from __future__ import annotations
 
@@ -26,30 +27,37 @@ from .common import JIT, act, axpy, child, dot4, dot_plus, gather_gemv, gemv_acc
 # ----------------------------------------------------------------------------- NeuronTree
 
 @njit(inline="always", **JIT)
-def _nt_row(x, w_in, b_in, w_out, b_out, levels, code, o):
-    """One row through all K trees: o (O,) = b_out + sum of act(a)·w_out over visited nodes."""
+def _nt_row(x, w_in, b_in, w_out, b_out, route_bias, gated, levels, code, o):
+    """One row through all K trees: o (O,) = b_out + sum of g·act(a)·w_out over visited nodes; the
+    walk goes right iff a + route_bias[k, node] >= 0 (route_bias (K, M), or (0, 0) for none);
+    g = 1, or with ``gated`` the product of the taken branches' probabilities above the node."""
     if b_out.shape[0]:
         o[:] = b_out
     else:
         o[:] = 0
+    biased = route_bias.shape[1] > 0
     for k in range(w_in.shape[0]):
         node = 0
+        g = like(o[0], 1.0)
         for _ in range(levels):
             a = dot_plus(x, w_in[k, node], b_in[k, node])
-            axpy(o, act(a, code), w_out[k, node])
-            node = child(node, a)
+            axpy(o, act(a, code) * g if gated else act(a, code), w_out[k, node])
+            r = a + route_bias[k, node] if biased else a
+            if gated:
+                g = g * taken_prob(r)
+            node = child(node, r)
 
 
 @njit(**JIT)
-def nt_serial(x, w_in, b_in, w_out, b_out, levels, code, out):
+def nt_serial(x, w_in, b_in, w_out, b_out, route_bias, gated, levels, code, out):
     for r in range(x.shape[0]):
-        _nt_row(x[r], w_in, b_in, w_out, b_out, levels, code, out[r])
+        _nt_row(x[r], w_in, b_in, w_out, b_out, route_bias, gated, levels, code, out[r])
 
 
 @njit(parallel=True, **JIT)
-def nt_parallel(x, w_in, b_in, w_out, b_out, levels, code, out):
+def nt_parallel(x, w_in, b_in, w_out, b_out, route_bias, gated, levels, code, out):
     for r in prange(x.shape[0]):
-        _nt_row(x[r], w_in, b_in, w_out, b_out, levels, code, out[r])
+        _nt_row(x[r], w_in, b_in, w_out, b_out, route_bias, gated, levels, code, out[r])
 
 
 @njit(parallel=True, **JIT)
