@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from fastff.apps import lm_capacity
 from fastff.apps.cli import main
 from fastff.data.text import FORTUNES, data_root, SHAKESPEARE_TEXTS
 
@@ -15,19 +16,25 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(not (data_root() / SHAKESPEAR
                                 reason="needs `make data` (Shakespeare texts and Debian fortunes)")]
 
 
-def test_long_regime_grid_and_report(tmp_path):
+def test_long_regime_grid_and_report(tmp_path, monkeypatch):
+    # an ablation promoted to the main rows reuses its ablation run as seed 0 of the first corpus
+    monkeypatch.setattr(lm_capacity, "MAIN", (*lm_capacity.MAIN, "nt-2x9-tanh"))
     runs, results = tmp_path / "runs", tmp_path / "results"
     argv = ["lm", "experiment", "--regime", "long", "--steps", "2", "--tune-steps", "1", "--lrs", "1e-3",
-            "--seeds", "1", "--only", "dense-20,neuron-tree-2x9,nt-2x9-tanh", "--runs", str(runs),
+            "--seeds", "1", "--only", "dense-512,dense-20,neuron-tree-2x9,nt-2x9-tanh", "--runs", str(runs),
             "--results", str(results), "--quiet"]
     assert main(argv) == 0
     assert sorted(p.name for p in (runs / "shakespeare").iterdir()) == [
-        "ablation_nt-2x9-tanh_s0", "main_dense-20_s0", "main_neuron-tree-2x9_s0", "tune_dense-small_lr0.001_s0",
-        "tune_neuron-tree_lr0.001_s0"]
-    assert sorted(p.name for p in (runs / "fortunes").iterdir()) == ["main_dense-20_s0", "main_neuron-tree-2x9_s0"]
+        "ablation_nt-2x9-tanh_s0", "front.json", "main_dense-20_s0", "main_dense-512_s0", "main_neuron-tree-2x9_s0",
+        "steptime.json", "tune_dense-small_lr0.001_s0", "tune_dense_lr0.001_s0", "tune_neuron-tree_lr0.001_s0"]
+    assert set(json.loads((runs / "shakespeare" / "steptime.json").read_text())["seconds"]) == {
+        *lm_capacity.MAIN, *lm_capacity.ABLATIONS, "no-ffn"}
+    assert sorted(p.name for p in (runs / "fortunes").iterdir()) == [
+        "main_dense-20_s0", "main_dense-512_s0", "main_neuron-tree-2x9_s0", "main_nt-2x9-tanh_s0"]
     md = (results / "lm_long.md").read_text()
     assert "## Main rows: shakespeare" in md and "## Main rows: fortunes" in md and "## Tree ablations" in md
-    assert "vs dense-20" in md and "Capacity of neuron-tree-2x9" in md
+    assert "vs dense-20" in md and "Capacity of " in md and "at equal wall-clock training time" in md
+    assert "## The front (shakespeare, seed 0)" in md and "| nt-2x9-tanh int8 | 20 |" in md
     assert "- nt-2x9-tanh (20 neurons/token)" in md and "nats for the conditional layer" in md
     rows = json.loads((results / "lm_long.json").read_text())
     tree = next(r for r in rows if r["run"] == "main_neuron-tree-2x9_s0" and r["corpus"] == "shakespeare")

@@ -300,19 +300,20 @@ def test_triton_refuses_the_routing_options(options):
 
 @pytest.mark.parametrize("options", [dict(route_bias=1e-3), dict(gate="path")])
 def test_auto_runs_the_routing_options_on_cpu_for_float32_and_float64(options):
-    """"auto" (the default) runs training, eval and no-grad eval (no prepared fast path) on "cpu"
-    for CPU float32/64 tensors, and on "torch" for other dtypes."""
+    """"auto" (the default) runs training and eval under autograd on the "cpu" differentiable path,
+    no-grad eval on the prepared walk, for CPU float32/64 tensors; on "torch" for other dtypes."""
     layer = fastff.NeuronTree(4, 2, 3, **options)
     x = torch.randn(5, 4)
     with mock.patch.object(V, "neuron_tree_paths", side_effect=AssertionError("torch path")), \
-            mock.patch.object(cpu, "prepare", side_effect=AssertionError("prepared cpu path")), \
+            mock.patch.object(cpu, "prepare", wraps=cpu.prepare) as prepared_path, \
             mock.patch.object(cpu, "neuron_tree_paths", wraps=cpu.neuron_tree_paths) as cpu_path:
         layer.train()(x).sum().backward()
         layer.eval()(x)
+        assert cpu_path.call_count == 2 and prepared_path.call_count == 0
         with torch.no_grad():
             layer(x)
             layer(x[:1])
-    assert cpu_path.call_count == 4
+    assert cpu_path.call_count == 2 and prepared_path.call_count == 1      # prepared once, then reused
     layer.to(torch.bfloat16)
     with mock.patch.object(cpu, "neuron_tree_paths", side_effect=AssertionError("cpu path")), \
             mock.patch.object(V, "neuron_tree_paths", wraps=V.neuron_tree_paths) as torch_path:
@@ -320,6 +321,28 @@ def test_auto_runs_the_routing_options_on_cpu_for_float32_and_float64(options):
         with torch.no_grad():
             layer.eval()(x.bfloat16())
     assert torch_path.call_count == 2
+
+
+@given(depth=st.integers(0, 5), trees=st.integers(1, 3), lead=st.sampled_from(LEAD),
+       rows=st.sampled_from([0, 1, 2, 7, cpu.THROUGHPUT_MIN_ROWS + 3]), act=st.sampled_from(list(ACTIVATIONS)),
+       bias=st.booleans(), options=st.sampled_from(["route_bias", "gate", "both"]),
+       dtype=st.sampled_from([torch.float32, F64]), seed=st.integers(0, 2**16))
+def test_prepared_walk_with_the_options_equals_the_reference(depth, trees, lead, rows, act, bias, options, dtype, seed):
+    """The no-grad eval fast path (numba walk with the routing offset and the path gate; small and
+    throughput batch sizes, leading dims) equals the reference per-row walk."""
+    torch.manual_seed(seed)
+    layer = fastff.NeuronTree(7, 3, depth, trees, activation=act, bias=bias, route_bias=0.1 * (options != "gate"),
+                              gate="none" if options == "route_bias" else "path").to(dtype).eval()
+    if options != "gate":
+        layer.route_bias.normal_()
+    x = torch.randn(*lead, rows, 7, dtype=dtype)
+    with torch.no_grad():
+        got = layer(x)
+        layer.backend = "reference"
+        want = layer(x)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype is F64 else dict(rtol=2e-5, atol=2e-5)
+    assert got.shape == (*lead, rows, 3)
+    torch.testing.assert_close(got, want, **tol)
 
 
 def test_dense_slice_is_added_to_every_row_and_counted():
@@ -385,3 +408,18 @@ def test_lm_train_with_the_tree_options(tmp_path):
     model, _, _ = L.load_run(out)
     tree = next(m for m in model.modules() if isinstance(m, fastff.NeuronTree))
     assert tree.gate == "path" and tree.dense_slice == 4 and tree.route_bias.abs().sum() > 0
+
+
+@pytest.mark.parametrize("ffn, flags, gate, balance", [
+    ("neuron-tree", [], "path", 0.01),                          # the long regime's winning remedy is the default
+    ("neuron-tree", ["--gate", "none", "--balance", "0"], "none", 0.0),
+    ("moe", [], None, 0.01), ("dense", [], None, 0.0)])
+def test_lm_train_defaults_to_the_path_gate_and_balance(tmp_path, ffn, flags, gate, balance):
+    (tmp_path / "t.txt").write_text("to be or not to be, that is the question. " * 60)
+    out = tmp_path / "run"
+    width = ["--depth", "2"] if ffn == "neuron-tree" else ["--width", "8"]
+    assert main(["lm", "train", "--text", str(tmp_path / "t.txt"), "--ffn", ffn, *width, *flags, "--layers", "1",
+                 "--dim", "8", "--heads", "2", "--context", "8", "--steps", "2", "--batch", "2", "--eval-every", "2",
+                 "--eval-batches", "1", "--capacity-tokens", "0", "--out", str(out), "--quiet"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["ffn_options"].get("gate") == gate and config["train"]["balance"] == balance

@@ -30,12 +30,17 @@ from ..models.quantize import quantize_int8
 from ..training.lm import LMTrainConfig, fit, load_run
 from ..training.run import read_json, run_mode
 from .arguments import add_ffn_options, add_run_dir, add_threads, apply_threads, ffn_options
+from .lm_grid import decode_seconds
 from .timing import median_times
 
 BENCH_FFNS = (*FAMILIES, *(f"{name}-int8" for name in FAMILIES), "no-ffn")
 DEFAULT_BENCH_FFNS = ("dense", "dense-int8", "neuron-tree", "neuron-tree-int8", "fff", "moe", "no-ffn")
-# the LM commands' defaults for options a family has (the rest are the family's own)
-LM_DEFAULTS = {"activation": "gelu", "train_mode": "hard_path"}
+# the LM commands' defaults for options a family has (the rest are the family's own); gate="path":
+# the NeuronTree remedy that won the long regime's ablations (with the node-balance loss, LM_BALANCE)
+LM_DEFAULTS = {"activation": "gelu", "train_mode": "hard_path", "gate": "path"}
+# `lm train --balance` default for the families that record a balance loss (FFF / MoE load
+# balancing, NeuronTree node balance); 0 for the others
+LM_BALANCE = 0.01
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -78,7 +83,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--warmup", type=int, default=d.warmup)
     t.add_argument("--weight-decay", type=float, default=d.weight_decay)
     t.add_argument("--hardening", type=float, default=d.hardening, help="FFF hardening-loss weight")
-    t.add_argument("--balance", type=float, default=d.balance, help="FFF / MoE load-balancing alpha; NeuronTree node-balance alpha")
+    t.add_argument("--balance", type=float, default=None,
+                   help=f"FFF / MoE load-balancing alpha; NeuronTree node-balance alpha (default {LM_BALANCE} for "
+                        "the families that record a balance loss, else 0)")
     t.add_argument("--eval-every", type=int, default=d.eval_every)
     t.add_argument("--eval-batches", type=int, default=d.eval_batches)
     t.add_argument("--capacity-tokens", type=int, default=d.capacity_tokens,
@@ -148,6 +155,13 @@ def run(args) -> int:
 
 # ----------------------------------------------------------------------------- train / generate
 
+def lm_balance(args) -> float:
+    """``--balance``, or ``LM_BALANCE`` for a family that records a balance loss, else 0."""
+    if args.balance is not None:
+        return args.balance
+    return LM_BALANCE if {"balance", "node_balance"} & set(family(args.ffn).aux_losses) else 0.0
+
+
 def run_train(args) -> int:
     text = load_corpus(args.text)
     splits = split_text(text)
@@ -157,7 +171,7 @@ def run_train(args) -> int:
     cfg = LMTrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, ffn_lr_mult=args.ffn_lr_mult,
                         optimizer=args.optimizer, local_batch_size=args.local_batch_size,
                         warmup=min(args.warmup, args.steps - 1), weight_decay=0.0 if local else args.weight_decay,
-                        hardening=args.hardening, balance=args.balance, eval_every=args.eval_every,
+                        hardening=args.hardening, balance=lm_balance(args), eval_every=args.eval_every,
                         eval_batches=args.eval_batches, capacity_tokens=args.capacity_tokens, seed=args.seed)
     source = args.text or "shakespeare"
     source = source if source in CORPORA else os.path.abspath(source)
@@ -302,21 +316,9 @@ def bench_rows(args) -> list[dict]:
                                  args.repeats, warmup=1)
         rows += _rows(times, "prefill", batch, batch * args.prompt_tokens)
         log(f"generate {batch}x{args.new_tokens} after {args.prompt_tokens}")
-        caches, nxt = {}, torch.randint(args.vocab, (batch, 1), generator=gen)
-
-        def prefill(name, model):
-            caches[name] = model.new_cache(batch)
-            model.forward_step(prompt, caches[name])
-
-        def decode(name, model):
-            for _ in range(args.new_tokens):
-                model.forward_step(nxt, caches[name])
-
-        with torch.inference_mode():
-            times = median_times({n: (lambda n=n, m=m: decode(n, m)) for n, m in models.items()}, args.repeats,
-                                 warmup=1, setup={n: (lambda n=n, m=m: prefill(n, m)) for n, m in models.items()})
-        rows += _rows({n: t / args.new_tokens for n, t in times.items()}, "generate", batch, batch)
+        rows += _rows(decode_seconds(models, prompt, args.new_tokens, args.repeats, gen), "generate", batch, batch)
     return rows
+
 
 
 def _train_rows(models: dict, batch: int, args, gen, log) -> list[dict]:

@@ -8,9 +8,14 @@ can use their width. Stages:
   validation only, seed 0;
 - ``main``: the main rows (``MAIN``), every corpus of ``--corpora`` x ``--seeds`` seeds;
 - ``ablation``: the tree remedies (``ABLATIONS``), Shakespeare, seed 0;
+- ``steptime``: training-step time of every variant and ablation, interleaved in one process
+  (the first corpus's steptime.json), for the equal-wall-clock comparison;
+- ``front``: validation loss and batch-1 decoding speed of every trained seed-0 model of the first
+  corpus whose weights are in its run directory, float and int8, interleaved in one process
+  (front.json): the front a user picks from;
 - ``report``: tables (mean ± std over seeds), capacity diagnostics per variant (units reached
-  at the deepest level, dead units, per layer), the auto-pruning curves (dead fraction vs step)
-  and the targets, into ``--results``/lm_long.md.
+  at the deepest level, dead units, per layer), the auto-pruning curves (dead fraction vs step),
+  the front and the targets, into ``--results``/lm_long.md.
 
 Every run is a run directory of the run core: finished runs are skipped, interrupted ones resume
 from their checkpoint, so the grid continues where it stopped. The MoE control must beat the
@@ -20,11 +25,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 from pathlib import Path
 
+import torch
+
 from ..data.text import CORPORA, load_corpus, split_text
-from .lm_grid import Grid, load_runs
+from ..models.quantize import quantize_int8
+from ..training.lm import eval_windows, evaluate, load_run
+from ..training.run import read_json
+from .lm_grid import Grid, decode_seconds, load_runs
 
 SHAPE = dict(layers=4, dim=128, heads=4, context=128)
 BATCH, STEPS, TUNE_STEPS, EVALS = 16, 5000, 1000, 20
@@ -49,7 +60,9 @@ VARIANTS = {
     "fff-d4-l16": ("fff", dict(ffn="fff", ffn_width=256, ffn_options=dict(leaf=16, train_mode="hard_path")),
                    dict(balance=0.01)),
 }
-MAIN = ("dense-512", "dense-20", "dense-32", "dense-48", "moe-16x32", "fff-d4-l16", "neuron-tree-2x9", "pk-1x8-n16")
+# nt-2x9-gate-node-balance: the best tree of the ablations (seed 0), promoted to the main rows
+MAIN = ("dense-512", "dense-20", "dense-32", "dense-48", "moe-16x32", "fff-d4-l16", "neuron-tree-2x9",
+        "nt-2x9-gate-node-balance", "pk-1x8-n16")
 # tree remedies and shapes, each a variation of a MAIN tree: name -> (base variant, fields, overrides)
 ABLATIONS = {
     "neuron-tree-1x9": ("neuron-tree-1x9", {}, {}),
@@ -62,6 +75,8 @@ ABLATIONS = {
     "nt-2x9-gate-route-bias": ("neuron-tree-2x9", dict(ffn_options=dict(trees=2, depth=9, gate="path",
                                                                         route_bias=1e-3)), {}),
     "nt-2x9-node-balance": ("neuron-tree-2x9", {}, dict(balance=0.01)),
+    "nt-2x9-gate-node-balance": ("neuron-tree-2x9", dict(ffn_options=dict(trees=2, depth=9, gate="path")),
+                                 dict(balance=0.01)),
     # 2 trees of depth 8 (18 neurons) + an always-on dense slice of 12 = 30 per token
     "nt-2x8-slice-12": ("neuron-tree-2x9", dict(ffn_width=2 * 511 + 12,
                                                 ffn_options=dict(trees=2, depth=8, dense_slice=12)), {}),
@@ -70,7 +85,9 @@ ABLATIONS = {
     "fff-d4-l16-no-balance": ("fff-d4-l16", {}, dict(balance=0.0)),
     "fff-d4-l32": ("fff-d4-l16", dict(ffn_width=512, ffn_options=dict(leaf=32, train_mode="hard_path")), {}),
 }
-STAGES = ("tune", "main", "ablation", "report")
+STAGES = ("tune", "main", "ablation", "steptime", "front", "report")
+# batch-1 decoding after a 64-token prompt (at most half the context), 32 tokens per timed call
+FRONT_PROMPT, FRONT_NEW_TOKENS, FRONT_REPEATS = 64, 32, 7
 # Run directories live in the repository (their weights and checkpoints are git-ignored there), so
 # the finished runs' configs and metrics are committed and a later checkout skips them.
 RUNS = "docs/results/lm_long_runs"
@@ -128,17 +145,64 @@ def run(args) -> int:
         for seed in range(args.seeds):                  # seed-major: every row gets its first seed first
             for corpus, grid in grids.items():
                 for name in filter(wanted, MAIN):
-                    grid.train(f"main_{name}_s{seed}", name, steps, seed, lr_of(name))
+                    # an ablation promoted to the main rows keeps its ablation run as seed 0 of the first corpus
+                    stage = "ablation" if name in ABLATIONS and seed == 0 and corpus == corpora[0] else "main"
+                    grid.train(f"{stage}_{name}_s{seed}", name, steps, seed, lr_of(name))
     if "ablation" in stages:
         for name in filter(wanted, ABLATIONS):
             tune.train(f"ablation_{name}_s0", name, steps, 0, lr_of(name))
+    if "steptime" in stages:
+        tune.step_times([*MAIN, *ABLATIONS])
+    if "front" in stages:
+        measure_front(tune)
     write_report(root, corpora, Path(args.results), getattr(args, "command_line", "fastff lm experiment --regime long"))
     return 0
 
 
+def measure_front(grid: Grid) -> Path:
+    """Validation loss and batch-1 decoding seconds per token of every finished seed-0 main or
+    ablation model under ``grid.root`` whose weights are there, float and int8 (dense models: every
+    linear layer; the others: attention and head, their feedforwards stay float), decoding
+    interleaved in one process -> ``grid.root``/front.json. A front.json that already holds every
+    such model is kept (delete it to measure again)."""
+    runs = [r for r in load_runs(grid.root) if r["seed"] == 0 and r["stage"] in ("main", "ablation")
+            and (grid.root / r["name"] / "model.safetensors").exists()]
+    if not runs:
+        raise FileNotFoundError(f"no trained seed-0 model with its weights under {grid.root}: run 'main' first")
+    path = grid.root / "front.json"
+    if path.exists() and {r["variant"] for r in runs} <= {r["variant"] for r in read_json(path)["rows"]}:
+        return path
+    models, rows = {}, {}
+    for r in runs:
+        model, _, config = load_run(grid.root / r["name"])
+        train = config["train"]
+        windows = eval_windows(grid.splits.val, model.cfg.context, train["eval_batches"] * train["batch_size"])
+        dense = config["model"]["ffn"] == "dense"
+        for name, m, int8 in ((r["variant"], model, None),
+                              (f"{r['variant']} int8", quantize_int8(model, feedforwards=dense),
+                               "every linear layer" if dense else "attention and head")):
+            models[name] = m
+            rows[name] = {"model": name, "variant": r["variant"], "stage": r["stage"], "int8": int8,
+                          "neurons_per_token": m.ffn_neurons_per_token // m.cfg.layers,
+                          "val_loss": evaluate(m, windows, train["batch_size"])}
+        print(f"front: {r['variant']} loaded", flush=True)
+    context = min(m.cfg.context for m in models.values())
+    prompt_tokens = min(FRONT_PROMPT, context // 2)
+    new_tokens = min(FRONT_NEW_TOKENS, context - prompt_tokens)
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(min(m.cfg.vocab_size for m in models.values()), (1, prompt_tokens), generator=gen)
+    seconds = decode_seconds(models, prompt, new_tokens, FRONT_REPEATS, gen)
+    for name, t in seconds.items():
+        rows[name]["tokens_per_s"] = 1.0 / t
+    path.write_text(json.dumps({"rows": list(rows.values()), "threads": torch.get_num_threads(),
+                                "load_average": os.getloadavg()[0], "prompt_tokens": prompt_tokens,
+                                "new_tokens": new_tokens, "repeats": FRONT_REPEATS}, indent=1))
+    return path
+
+
 def _tuned_variant(group: str) -> str:
     """The variant whose learning rate stands for its tuning group."""
-    return next(name for name in MAIN if VARIANTS[name][0] == group)
+    return next(name for name in MAIN if variant_of(name)[0] == group)
 
 
 def _finished_tune(root: Path, group: str) -> list[tuple[float, float]]:
@@ -209,40 +273,124 @@ def _mean(rows: list[dict], variant: str) -> tuple[float, float, int] | None:
     return statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else float("nan"), len(vals)
 
 
-def _verdicts(rows: list[dict], corpus: str) -> list[str]:
+def _tree_rows(rows: list[dict]) -> list[dict]:
+    """The rows of tree variants (NeuronTree or FFF tuning group) at <= 1/16 of the full dense neurons."""
+    return [r for r in rows if variant_of(r["variant"])[0] in ("neuron-tree", "fff")
+            and r["neurons_per_token"] <= FULL_DENSE // 16]
+
+
+def _at_step(history: list[dict], step: float) -> float:
+    """Validation loss of a run's history linearly interpolated at ``step``."""
+    pts = [(h["step"], h["val_loss"]) for h in history if "val_loss" in h]
+    for (s0, v0), (s1, v1) in zip(pts, pts[1:]):
+        if s0 <= step <= s1:
+            return v0 + (v1 - v0) * (step - s0) / (s1 - s0)
+    return pts[-1][1] if step > pts[-1][0] else pts[0][1]
+
+
+def _verdicts(rows: list[dict], corpus: str, step_seconds: dict | None) -> list[str]:
     """The control and the targets of the long regime, met or not, from the main rows."""
     out = []
     moe, dense48, full = _mean(rows, "moe-16x32"), _mean(rows, "dense-48"), _mean(rows, "dense-512")
     if moe and dense48:
         gap = dense48[0] - moe[0]
-        noise = max(s for s in (moe[1], dense48[1]) if s == s) if moe[2] > 1 and dense48[2] > 1 else None
-        verdict = ("capacity-bound" if noise is not None and gap > noise else
-                   "not yet capacity-bound" if noise is not None else "seeds missing for a verdict")
+        if moe[2] > 1 and dense48[2] > 1:
+            noise = max(moe[1], dense48[1])
+            verdict = (f"seed std {noise:.3f}: " +
+                       ("capacity-bound" if gap > noise else "NOT capacity-bound by this control"))
+        else:
+            verdict = f"{moe[2]} seed(s) of MoE, {dense48[2]} of dense-48: seeds missing for a verdict"
         out.append(f"- Control ({corpus}): MoE 16x32 top-1 {moe[0]:.3f} vs dense-48 {dense48[0]:.3f}: "
-                   f"{gap:+.3f} nats for MoE (seed std {noise if noise is None else f'{noise:.3f}'}): {verdict}.")
-    trees = [r for r in rows if r["variant"] in ("fff-d4-l16", "neuron-tree-2x9") and r["neurons_per_token"] <= FULL_DENSE // 16]
-    if trees:
-        best = min({r["variant"] for r in trees}, key=lambda v: _mean(rows, v)[0])
-        tree = _mean(rows, best)
-        equal = _mean(rows, "dense-20")
-        n = next(r["neurons_per_token"] for r in trees if r["variant"] == best)
-        if equal:
-            gap = equal[0] - tree[0]
-            out.append(f"- Best tree ({corpus}) at <= 1/16 of the dense neurons: {best} ({n} neurons/token) "
-                       f"{tree[0]:.3f} vs dense-20 {equal[0]:.3f}: {gap:+.3f} nats (target >= +0.05: "
-                       f"{'met' if gap >= 0.05 else 'missed'}).")
-        if full:
-            ratio = tree[0] / full[0]
-            out.append(f"- {best} vs dense-512 at equal tokens ({corpus}): {ratio:.3f}x (target <= 1.03x: "
-                       f"{'met' if ratio <= 1.03 else 'missed'}).")
-        caps = [r["capacity"] for r in trees if r["variant"] == best and r["seed"] == 0 and r["capacity"]]
-        if caps:
-            reach = min(c["deepest_reached"] for c in caps[0])
-            dead = max(c["dead"] for c in caps[0])
-            out.append(f"- Capacity of {best} ({corpus}, seed 0, every layer): deepest level reached >= {reach:.2f} "
-                       f"(target >= 0.50: {'met' if reach >= 0.5 else 'missed'}), dead units <= {dead:.2f} "
-                       f"(target < 0.20: {'met' if dead < 0.2 else 'missed'}).")
+                   f"{gap:+.3f} nats for MoE ({verdict}).")
+    trees = _tree_rows(rows)
+    if not trees:
+        return out
+    best = min({r["variant"] for r in trees}, key=lambda v: _mean(rows, v)[0])
+    tree = _mean(rows, best)
+    n = next(r["neurons_per_token"] for r in trees if r["variant"] == best)
+    equal = _mean(rows, f"dense-{n}")
+    if equal:
+        gap = equal[0] - tree[0]
+        out.append(f"- Best tree ({corpus}) at <= 1/16 of the dense neurons: {best} ({n} neurons/token, {tree[2]} "
+                   f"seed(s)) {tree[0]:.3f} vs dense-{n} {equal[0]:.3f} ({equal[2]} seed(s)): {gap:+.3f} nats "
+                   f"(target >= +0.05 over 3 seeds: {_status(gap >= 0.05, min(tree[2], equal[2]))}).")
+    if full:
+        ratio = tree[0] / full[0]
+        out.append(f"- {best} vs dense-512 at equal tokens ({corpus}): {ratio:.3f}x (target <= 1.03x: "
+                   f"{_status(ratio <= 1.03, min(tree[2], full[2]))}).")
+        if step_seconds and best in step_seconds and "dense-512" in step_seconds:
+            dense_steps = STEPS * step_seconds[best] / step_seconds["dense-512"]
+            hist = [r["history"] for r in rows if r["variant"] == "dense-512"]
+            dense_loss = statistics.mean(_at_step(h, dense_steps) for h in hist)
+            ratio = tree[0] / dense_loss
+            out.append(f"- {best} vs dense-512 at equal wall-clock training time ({corpus}; interleaved step times "
+                       f"{1e3 * step_seconds[best]:.0f} vs {1e3 * step_seconds['dense-512']:.0f} ms, so dense-512 "
+                       f"trains {dense_steps:.0f} steps in the tree's {STEPS}; its validation loss there, within its "
+                       f"own {STEPS}-step schedule, {dense_loss:.3f}): {ratio:.3f}x (target <= 1.03x: "
+                       f"{_status(ratio <= 1.03, min(tree[2], full[2]))}).")
+    caps = [r["capacity"] for r in trees if r["variant"] == best and r["seed"] == 0 and r["capacity"]]
+    if caps:
+        reach = min(c["deepest_reached"] for c in caps[0])
+        dead = max(c["dead"] for c in caps[0])
+        out.append(f"- Capacity of {best} ({corpus}, seed 0, every layer): deepest level reached >= {reach:.2f} "
+                   f"(target >= 0.50: {'met' if reach >= 0.5 else 'missed'}), dead units <= {dead:.2f} "
+                   f"(target < 0.20: {'met' if dead < 0.2 else 'missed'}).")
     return out
+
+
+def _status(met: bool, seeds: int) -> str:
+    """A target's verdict, provisional while fewer than the 3 seeds it asks for are in."""
+    return ("met" if met else "missed") + ("" if seeds >= 3 else f" so far, {seeds} of 3 seeds")
+
+
+def pareto(rows: list[dict]) -> set[str]:
+    """Names of the rows no other row beats on both validation loss (lower) and tokens/s (higher)."""
+    return {r["model"] for r in rows
+            if not any(o["val_loss"] <= r["val_loss"] and o["tokens_per_s"] >= r["tokens_per_s"]
+                       and (o["val_loss"], o["tokens_per_s"]) != (r["val_loss"], r["tokens_per_s"]) for o in rows)}
+
+
+def _front_section(front: dict, path: Path) -> list[str]:
+    """The front a user picks from: table, plot and whether the trees lie on it."""
+    rows = sorted(front["rows"], key=lambda r: -r["tokens_per_s"])
+    on = pareto(rows)
+    lines = [f"Batch-1 decoding with the KV cache after a {front['prompt_tokens']}-token prompt, "
+             f"{front['new_tokens']} tokens per timed call, every model interleaved in one process (median of "
+             f"{front['repeats']}; {front['threads']} thread(s), load average {front['load_average']:.2f}). "
+             "int8: dynamic quantization of every linear layer (dense) or of attention and head (the others, "
+             "whose feedforwards stay float); its validation loss is measured again.\n",
+             "| model | neurons / token | val loss | tokens / s | on the front |", "|---|---:|---:|---:|:---:|"]
+    lines += [f"| {r['model']} | {r['neurons_per_token']} | {r['val_loss']:.3f} | {r['tokens_per_s']:.0f} | "
+              f"{'yes' if r['model'] in on else ''} |" for r in rows]
+    trees = [r for r in rows if variant_of(r["variant"])[0] in ("neuron-tree", "fff")]
+    on_trees = [r["model"] for r in trees if r["model"] in on]
+    lines += ["", f"- Trees on the front: {', '.join(on_trees) if on_trees else 'none (target missed)'}.", "",
+              "![front](lm_long_front.png)"]
+    _plot_front(rows, on, path)
+    return lines
+
+
+def _plot_front(rows: list[dict], on: set[str], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for r in rows:
+        tree = variant_of(r["variant"])[0] in ("neuron-tree", "fff")
+        ax.scatter(r["tokens_per_s"], r["val_loss"], marker="^" if tree else "o",
+                   color="tab:green" if tree else ("tab:blue" if r["variant"].startswith("dense") else "tab:orange"),
+                   edgecolors="black" if r["model"] in on else "none", s=40)
+        ax.annotate(r["model"], (r["tokens_per_s"], r["val_loss"]), fontsize=6, xytext=(3, 2),
+                    textcoords="offset points")
+    front = sorted((r for r in rows if r["model"] in on), key=lambda r: r["tokens_per_s"])
+    ax.plot([r["tokens_per_s"] for r in front], [r["val_loss"] for r in front], color="gray", lw=0.8)
+    ax.set(xlabel="batch-1 decoding tokens / s (higher is better)", ylabel="validation loss (nats / char)",
+           title="What a user picks from (black edge: on the front; triangles: trees)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _against_equal_dense(rows: list[dict], dense: list[dict]) -> list[str]:
@@ -291,13 +439,15 @@ def write_report(root: Path, corpora: list[str], out: Path, command: str) -> Pat
             "the lowest validation loss is kept and the test split is evaluated once. Capacity: fraction of the "
             "deepest level's units (leaves, deepest nodes, experts) reached and of all units never reached, on "
             "the first validation tokens (`--capacity-tokens`), at the selected step.\n"]
+    steptime = root / corpora[0] / "steptime.json"
+    step_seconds = json.loads(steptime.read_text())["seconds"] if steptime.exists() else None
     for corpus in corpora:
-        main = [r for r in rows if r["corpus"] == corpus and r["stage"] == "main"]
+        main = [r for r in rows if r["corpus"] == corpus and r["variant"] in MAIN and r["stage"] != "tune"]
         if main:
-            text += [f"## Main rows: {corpus}\n", *_rows_table(main), "", *_verdicts(main, corpus), ""]
+            text += [f"## Main rows: {corpus}\n", *_rows_table(main), "", *_verdicts(main, corpus, step_seconds), ""]
     ablations = [r for r in rows if r["stage"] == "ablation"]
     if ablations:
-        main0 = [r for r in rows if r["corpus"] == corpora[0] and r["stage"] == "main"]
+        main0 = [r for r in rows if r["corpus"] == corpora[0] and r["variant"] in MAIN and r["stage"] != "tune"]
         text += [f"## Tree ablations ({corpora[0]}, seed 0)\n", *_rows_table(ablations), "",
                  "Against the dense FFN of equal neurons per token (seed 0):\n",
                  *_against_equal_dense(ablations + [r for r in main0 if r["seed"] == 0], main0), ""]
@@ -305,6 +455,10 @@ def write_report(root: Path, corpora: list[str], out: Path, command: str) -> Pat
     if tune:
         text += ["## Learning-rate search\n", "| run | val loss |", "|---|---:|",
                  *(f"| {r['run']} | {r['val_loss']:.3f} |" for r in sorted(tune, key=lambda r: r["run"])), ""]
+    front = root / corpora[0] / "front.json"
+    if front.exists():
+        text += [f"## The front ({corpora[0]}, seed 0)\n", *_front_section(json.loads(front.read_text()),
+                                                                         out / "lm_long_front.png"), ""]
     curves = [r for r in rows if r["corpus"] == corpora[0] and r["stage"] in ("main", "ablation")]
     if any(h.get("dead") for r in curves for h in r["history"]):
         _plot_pruning(curves, out / "lm_long_pruning.png")

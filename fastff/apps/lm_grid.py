@@ -72,7 +72,7 @@ class Grid:
         models, opts = {}, {}
         for name in [*names, "no-ffn"]:
             torch.manual_seed(0)
-            model = GPT(self.model_cfg(self.variant_of("dense" if name == "no-ffn" else name)[1])).train()
+            model = GPT(self.model_cfg(self.variant_of(names[0] if name == "no-ffn" else name)[1])).train()
             if name == "no-ffn":
                 for block in model.blocks:
                     block.ffn = NoFFN()
@@ -91,6 +91,28 @@ class Grid:
         path.write_text(json.dumps({"seconds": seconds, "threads": torch.get_num_threads(),
                                     "load_average": os.getloadavg()[0], "batch": self.args.batch}, indent=1))
         return seconds
+
+
+def decode_seconds(models: dict[str, GPT], prompt: torch.Tensor, new_tokens: int, repeats: int,
+                   gen: torch.Generator) -> dict[str, float]:
+    """Median seconds per decoding step (one token per sequence, KV cache) of each model, after an
+    untimed prefill of ``prompt`` (batch, tokens), every model interleaved (``median_times``)."""
+    batch = len(prompt)
+    vocab = min(m.cfg.vocab_size for m in models.values())
+    caches, nxt = {}, torch.randint(vocab, (batch, 1), generator=gen)
+
+    def prefill(name, model):
+        caches[name] = model.new_cache(batch)
+        model.forward_step(prompt, caches[name])
+
+    def decode(name, model):
+        for _ in range(new_tokens):
+            model.forward_step(nxt, caches[name])
+
+    with torch.inference_mode():
+        times = median_times({n: (lambda n=n, m=m: decode(n, m)) for n, m in models.items()}, repeats,
+                             warmup=1, setup={n: (lambda n=n, m=m: prefill(n, m)) for n, m in models.items()})
+    return {n: t / new_tokens for n, t in times.items()}
 
 
 def load_runs(root: Path) -> list[dict]:

@@ -1,0 +1,81 @@
+"""The long regime's front (validation loss vs batch-1 decoding speed of trained models, float and
+int8) and its equal-wall-clock reading, on tiny runs of a tiny text (no corpus needed)."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from fastff.apps.lm_capacity import _at_step, _front_section, measure_front, pareto
+from fastff.apps.lm_grid import Grid
+from fastff.data.text import split_text
+
+TINY = {"dense-8": ("dense", dict(ffn="dense", ffn_width=8), {}),
+        "nt-2x2": ("neuron-tree", dict(ffn="neuron-tree", ffn_width=14, ffn_options=dict(trees=2, depth=2)), {})}
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    args = argparse.Namespace(runs=str(tmp_path_factory.mktemp("runs")), layers=1, dim=16, heads=2, context=16,
+                              batch=4, quiet=True)
+    text = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. " * 40
+    g = Grid(args, split_text(text), TINY.__getitem__, evals=2)
+    g.train("main_dense-8_s0", "dense-8", 4, 0, 1e-3)
+    g.train("ablation_nt-2x2_s0", "nt-2x2", 4, 0, 1e-3)
+    g.train("main_dense-8_s1", "dense-8", 4, 1, 1e-3)          # not seed 0: not on the front
+    return g
+
+
+def test_front_measures_every_seed0_model_float_and_int8(grid):
+    front = json.loads(measure_front(grid).read_text())
+    rows = {r["model"]: r for r in front["rows"]}
+    assert set(rows) == {"dense-8", "dense-8 int8", "nt-2x2", "nt-2x2 int8"}
+    assert rows["dense-8 int8"]["int8"] == "every linear layer" and rows["nt-2x2 int8"]["int8"] == "attention and head"
+    assert rows["dense-8"]["int8"] is None and rows["nt-2x2"]["neurons_per_token"] == 6   # 2 trees x 3 levels
+    for name, run in (("dense-8", "main_dense-8_s0"), ("nt-2x2", "ablation_nt-2x2_s0")):
+        # the float model's loss measured again equals the one its run selected on the same windows
+        metrics = json.loads((grid.root / run / "metrics.json").read_text())
+        assert rows[name]["val_loss"] == pytest.approx(metrics["val_loss"], rel=1e-6)
+    assert all(r["tokens_per_s"] > 0 and r["val_loss"] > 0 for r in rows.values())
+    assert (front["prompt_tokens"], front["new_tokens"]) == (8, 8)     # clamped to the context of 16
+    stamp = (grid.root / "front.json").stat().st_mtime_ns
+    measure_front(grid)                                           # holds every model: kept
+    assert (grid.root / "front.json").stat().st_mtime_ns == stamp
+
+
+def test_front_refuses_a_root_without_weights(tmp_path):
+    args = argparse.Namespace(runs=str(tmp_path), layers=1, dim=16, heads=2, context=16, batch=4, quiet=True)
+    g = Grid(args, split_text("abc " * 300), TINY.__getitem__)
+    with pytest.raises(FileNotFoundError, match="no trained seed-0 model"):
+        measure_front(g)
+
+
+def test_pareto_keeps_the_rows_nothing_beats_on_both_axes():
+    rows = [{"model": "a", "val_loss": 1.5, "tokens_per_s": 100}, {"model": "b", "val_loss": 1.7, "tokens_per_s": 300},
+            {"model": "c", "val_loss": 1.8, "tokens_per_s": 200},      # b is faster and better
+            {"model": "d", "val_loss": 1.5, "tokens_per_s": 90},       # a ties on loss and is faster
+            {"model": "e", "val_loss": 2.0, "tokens_per_s": 400}]
+    assert pareto(rows) == {"a", "b", "e"}
+    assert pareto(rows[:1]) == {"a"}
+
+
+def test_front_section_names_the_trees_on_it(tmp_path):
+    front = {"rows": [{"model": "dense-512", "variant": "dense-512", "val_loss": 1.55, "tokens_per_s": 500,
+                       "neurons_per_token": 512},
+                      {"model": "neuron-tree-2x9", "variant": "neuron-tree-2x9", "val_loss": 1.70, "tokens_per_s": 900,
+                       "neurons_per_token": 20},
+                      {"model": "dense-20", "variant": "dense-20", "val_loss": 1.72, "tokens_per_s": 800,
+                       "neurons_per_token": 20}],
+             "prompt_tokens": 64, "new_tokens": 32, "repeats": 7, "threads": 1, "load_average": 0.5}
+    lines = _front_section(front, tmp_path / "front.png")
+    assert "- Trees on the front: neuron-tree-2x9." in lines
+    assert "| dense-20 | 20 | 1.720 | 800 |  |" in lines and (tmp_path / "front.png").stat().st_size > 0
+    front["rows"][1].update(val_loss=1.80, tokens_per_s=700)     # now dense-20 beats it on both
+    assert "- Trees on the front: none (target missed)." in _front_section(front, tmp_path / "front.png")
+
+
+def test_at_step_interpolates_the_history():
+    history = [{"step": 0, "val_loss": 4.0}, {"step": 100, "val_loss": 2.0}, {"step": 200, "val_loss": 1.0}]
+    assert _at_step(history, 50) == 3.0 and _at_step(history, 150) == 1.5
+    assert _at_step(history, 1000) == 1.0 and _at_step(history, -5) == 4.0
