@@ -77,6 +77,10 @@ ABLATIONS = {
     "nt-2x9-node-balance": ("neuron-tree-2x9", {}, dict(balance=0.01)),
     "nt-2x9-gate-node-balance": ("neuron-tree-2x9", dict(ffn_options=dict(trees=2, depth=9, gate="path")),
                                  dict(balance=0.01)),
+    # the winning recipe on 4 shallower trees: 4 x 8 = 32 neurons per token (against dense-32)
+    "nt-4x7-gate-node-balance": ("neuron-tree-2x9", dict(ffn_width=1020, ffn_options=dict(trees=4, depth=7,
+                                                                                          gate="path")),
+                                 dict(balance=0.01)),
     # 2 trees of depth 8 (18 neurons) + an always-on dense slice of 12 = 30 per token
     "nt-2x8-slice-12": ("neuron-tree-2x9", dict(ffn_width=2 * 511 + 12,
                                                 ffn_options=dict(trees=2, depth=8, dense_slice=12)), {}),
@@ -426,6 +430,28 @@ def _plot_pruning(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _plot_curves(rows: list[dict], path: Path) -> None:
+    """Validation loss vs training tokens of the main rows (seed 0), one line per variant."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    tokens = BATCH * SHAPE["context"] / 1e6
+    for r in sorted(rows, key=lambda r: r["val_loss"]):
+        pts = [(h["step"] * tokens, h["val_loss"]) for h in r["history"] if "val_loss" in h]
+        if r["seed"] == 0 and pts:
+            ax.plot(*zip(*pts), label=f"{r['variant']} ({r['neurons_per_token']}/token)",
+                    ls="-" if variant_of(r["variant"])[0] in ("neuron-tree", "fff") else "--")
+    ax.set(xlabel="training tokens (millions)", ylabel="validation loss (nats / char)", ylim=(None, 2.2),
+           title="Main rows, seed 0 (solid: trees)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_report(root: Path, corpora: list[str], out: Path, command: str) -> Path:
     """``out``/lm_long.md (tables, verdicts, plots) and lm_long.json (one record per finished run)."""
     rows = [r for c in corpora if (root / c).exists() for r in records(root, c)]
@@ -444,7 +470,9 @@ def write_report(root: Path, corpora: list[str], out: Path, command: str) -> Pat
     for corpus in corpora:
         main = [r for r in rows if r["corpus"] == corpus and r["variant"] in MAIN and r["stage"] != "tune"]
         if main:
-            text += [f"## Main rows: {corpus}\n", *_rows_table(main), "", *_verdicts(main, corpus, step_seconds), ""]
+            _plot_curves(main, out / f"lm_long_curves_{corpus}.png")
+            text += [f"## Main rows: {corpus}\n", *_rows_table(main), "", *_verdicts(main, corpus, step_seconds), "",
+                     f"![validation loss vs tokens](lm_long_curves_{corpus}.png)", ""]
     ablations = [r for r in rows if r["stage"] == "ablation"]
     if ablations:
         main0 = [r for r in rows if r["corpus"] == corpora[0] and r["variant"] in MAIN and r["stage"] != "tune"]
