@@ -212,7 +212,8 @@ def _tuned_variant(group: str) -> str:
 def _finished_tune(root: Path, group: str) -> list[tuple[float, float]]:
     runs = [r for r in load_runs(root) if r["stage"] == "tune" and r["family"] == group]
     if not runs:
-        raise FileNotFoundError(f"no finished tune runs of {group} under {root}: run the 'tune' stage first")
+        raise FileNotFoundError(f"no finished tune runs of {group} under {root}: the first of --corpora tunes; run "
+                                "the 'tune' stage there, or list the tuned corpus first (--corpora shakespeare,fortunes)")
     return [(r["metrics"]["val_loss"], r["config"]["train"]["lr"]) for r in runs]
 
 
