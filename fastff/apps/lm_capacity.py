@@ -278,9 +278,14 @@ def _mean(rows: list[dict], variant: str) -> tuple[float, float, int] | None:
     return statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else float("nan"), len(vals)
 
 
+def _is_tree(variant: str) -> bool:
+    """Whether a variant is a tree (NeuronTree or FFF tuning group)."""
+    return variant_of(variant)[0] in ("neuron-tree", "fff")
+
+
 def _tree_rows(rows: list[dict]) -> list[dict]:
     """The rows of tree variants (NeuronTree or FFF tuning group) at <= 1/16 of the full dense neurons."""
-    return [r for r in rows if variant_of(r["variant"])[0] in ("neuron-tree", "fff")
+    return [r for r in rows if _is_tree(r["variant"])
             and r["neurons_per_token"] <= FULL_DENSE // 16]
 
 
@@ -367,7 +372,7 @@ def _front_section(front: dict, path: Path) -> list[str]:
              "| model | neurons / token | val loss | tokens / s | on the front |", "|---|---:|---:|---:|:---:|"]
     lines += [f"| {r['model']} | {r['neurons_per_token']} | {r['val_loss']:.3f} | {r['tokens_per_s']:.0f} | "
               f"{'yes' if r['model'] in on else ''} |" for r in rows]
-    trees = [r for r in rows if variant_of(r["variant"])[0] in ("neuron-tree", "fff")]
+    trees = [r for r in rows if _is_tree(r["variant"])]
     on_trees = [r["model"] for r in trees if r["model"] in on]
     lines += ["", f"- Trees on the front: {', '.join(on_trees) if on_trees else 'none (target missed)'}.", "",
               "![front](lm_long_front.png)"]
@@ -382,7 +387,7 @@ def _plot_front(rows: list[dict], on: set[str], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7.5, 5))
     for r in rows:
-        tree = variant_of(r["variant"])[0] in ("neuron-tree", "fff")
+        tree = _is_tree(r["variant"])
         ax.scatter(r["tokens_per_s"], r["val_loss"], marker="^" if tree else "o",
                    color="tab:green" if tree else ("tab:blue" if r["variant"].startswith("dense") else "tab:orange"),
                    edgecolors="black" if r["model"] in on else "none", s=40)
@@ -411,6 +416,17 @@ def _against_equal_dense(rows: list[dict], dense: list[dict]) -> list[str]:
     return out
 
 
+def _save(fig, ax, path: Path) -> None:
+    """Grid, legend, tight layout, write ``path`` and close: the end of every plot of the report."""
+    import matplotlib.pyplot as plt
+
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _plot_pruning(rows: list[dict], path: Path) -> None:
     """The auto-pruning curves: dead-unit fraction (worst layer) vs step, seed 0, one line per variant."""
     import matplotlib
@@ -424,11 +440,7 @@ def _plot_pruning(rows: list[dict], path: Path) -> None:
             ax.plot(*zip(*pts), marker=".", label=f"{r['variant']} ({r['stage']})")
     ax.set(xlabel="training step", ylabel="dead units, worst layer (fraction)", ylim=(0, 1),
            title="Auto-pruning: units no validation token reaches")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, ax, path)
 
 
 def _plot_curves(rows: list[dict], path: Path) -> None:
@@ -443,14 +455,10 @@ def _plot_curves(rows: list[dict], path: Path) -> None:
         pts = [(h["step"] * tokens, h["val_loss"]) for h in r["history"] if "val_loss" in h]
         if r["seed"] == 0 and pts:
             ax.plot(*zip(*pts), label=f"{r['variant']} ({r['neurons_per_token']}/token)",
-                    ls="-" if variant_of(r["variant"])[0] in ("neuron-tree", "fff") else "--")
+                    ls="-" if _is_tree(r["variant"]) else "--")
     ax.set(xlabel="training tokens (millions)", ylabel="validation loss (nats / char)", ylim=(None, 2.2),
            title="Main rows, seed 0 (solid: trees)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, ax, path)
 
 
 def write_report(root: Path, corpora: list[str], out: Path, command: str) -> Path:
