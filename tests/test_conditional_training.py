@@ -386,10 +386,3 @@ def test_empty_batch_backward(make, backend):
     layer(x).sum().backward()
     assert x.grad.shape == (0, 13)
     assert all(p.grad is None or (p.grad == 0).all() for p in layer.parameters())
-
-
-def test_training_on_an_inference_only_backend_is_an_error():
-    with pytest.raises(ValueError, match="inference-only"):
-        fastff.NeuronTree(4, 3, 2, backend="triton").train()(torch.randn(2, 4))
-    with pytest.raises(ValueError, match="inference-only"):
-        fastff.FFF(4, 3, 2, 2, train_mode="hard_path", backend="triton").train()(torch.randn(2, 4))

@@ -284,16 +284,8 @@ def test_node_balance_needs_a_training_forward_and_joins_the_run_core_balance():
 # ----------------------------------------------------------------------------- backends, geometry, files
 
 @pytest.mark.parametrize("options", [dict(route_bias=1e-3), dict(gate="path")])
-def test_triton_refuses_the_routing_options(options):
-    with pytest.raises(ValueError, match="route_bias=0.001|gate='path'"):
-        fastff.NeuronTree(4, 2, 2, backend="triton", **options)
+def test_the_plain_numba_tree_kernel_refuses_the_routing_options(options):
     layer = fastff.NeuronTree(4, 2, 2, **options)
-    layer.backend = "triton"
-    with pytest.raises(ValueError, match="'cpu', 'torch' and 'reference' backends only"):
-        layer.eval()(torch.randn(3, 4))
-    layer.backend = None
-    with kernels.forced_backend("triton"), pytest.raises(ValueError, match="backend 'triton' does not implement"):
-        layer.eval()(torch.randn(3, 4))
     with pytest.raises(ValueError, match="plain tree"):
         F.family("neuron-tree").cpu_kernel(layer)
 

@@ -9,10 +9,11 @@ Every backend implements, on 2-D inputs,
   ``fff_leaves`` (composed into the FFF hard path by ``fastff.kernels.routing.fff_hard_path``).
 
 The NeuronTree routing offset and path gate (``route_bias=``, ``gate=True`` of ``neuron_tree`` /
-``neuron_tree_paths``) exist on ``"reference"``, ``"torch"`` and ``"cpu"`` (the walk on the grouped
-descent, the visited neurons on the gathered-row ops of ``fastff.kernels.gathered``, with or
-without gradient); ``"auto"`` runs calls that use them on ``"cpu"`` for CPU float32/float64
-tensors outside ``torch.compile`` / ``torch.export`` tracing, else on ``"torch"``.
+``neuron_tree_paths``) exist on every backend (``"cpu"``: the walk on the grouped descent, the
+visited neurons on the gathered-row ops of ``fastff.kernels.gathered``; ``"triton"``: its blocked
+path), with or without gradient; ``"auto"`` runs calls that use them on ``"cpu"`` for CPU
+float32/float64 tensors outside ``torch.compile`` / ``torch.export`` tracing, on ``"triton"`` for
+CUDA tensors, else on ``"torch"``.
 
 Optional, for repeated eval calls without gradient on the same weights: a *prepared fast
 path* ``prepare(op, weights, activation, *flags)`` -> a callable ``x (..., I) -> (..., O)`` (None
@@ -29,11 +30,12 @@ Backends:
   when no gradient is needed (ops ``torch.ops.fastff.fff_hard`` / ``neuron_tree_hard``), the
   conditional training kernels when one is;
 - ``"triton"``: Triton GPU kernels (``fastff.kernels.triton``, imported on first use), CUDA
-  tensors, inference only (raises when autograd needs gradients, and cannot train); runs on CPU
-  tensors in Triton's interpreter when ``TRITON_INTERPRET=1``;
+  tensors, inference and training (the blocked walk and the gathered-row ops of
+  ``fastff.kernels.triton_gathered``); runs on CPU tensors in Triton's interpreter when
+  ``TRITON_INTERPRET=1``;
 - ``"auto"`` (default): ``"cpu"`` for CPU float32/float64 tensors (with or without gradients;
   while traced by ``torch.compile`` / ``torch.export`` with gradients: ``"torch"``), ``"triton"``
-  for CUDA tensors that need no gradient when Triton is installed, else ``"torch"``.
+  for CUDA tensors when Triton is installed (not while traced), else ``"torch"``.
 
 A layer's ``backend=`` (or the global ``set_backend``) picks the backend for its eval and its
 training forwards alike; ``forced_backend(name)`` overrides both for a block of code.
@@ -103,8 +105,9 @@ def cpu_applies(*tensors) -> bool:
 
 
 def triton_applies(*tensors) -> bool:
-    """Whether ``"auto"`` runs these tensors (None skipped) on the ``"triton"`` kernels."""
-    return _HAS_TRITON and all(t is None or t.is_cuda for t in tensors) and not needs_grad(*tensors)
+    """Whether ``"auto"`` runs these tensors (None skipped) on the ``"triton"`` kernels: CUDA
+    tensors, Triton installed, not traced by ``torch.compile`` / ``torch.export``."""
+    return (_HAS_TRITON and all(t is None or t.is_cuda for t in tensors) and not torch.compiler.is_compiling())
 
 
 def _routed_on_cpu(*tensors) -> bool:
@@ -113,11 +116,18 @@ def _routed_on_cpu(*tensors) -> bool:
     return cpu.applies(*tensors) and not torch.compiler.is_compiling()
 
 
-def _pick(tensors, inference: bool):
+def _pick(tensors):
     """The backend ``"auto"`` runs these tensors on."""
     if cpu_applies(*tensors):
         return cpu
-    return triton if inference and triton_applies(*tensors) else vectorized
+    return triton if triton_applies(*tensors) else vectorized
+
+
+def _pick_routed(tensors):
+    """The backend ``"auto"`` runs a NeuronTree with ``route_bias`` / ``gate`` on."""
+    if _routed_on_cpu(*tensors):
+        return cpu
+    return triton if triton_applies(*tensors) else vectorized
 
 
 class _Auto:
@@ -126,24 +136,23 @@ class _Auto:
     @staticmethod
     def fff_hard(x, node_w, node_b, w1, b1, w2, b2, activation: str, gated: bool = False) -> torch.Tensor:
         weights = (node_w, node_b, w1, b1, w2, b2)
-        return _pick((x, *weights), True).fff_hard(x, *weights, activation, gated)
+        return _pick((x, *weights)).fff_hard(x, *weights, activation, gated)
 
     @staticmethod
     def neuron_tree(x, w_in, b_in, w_out, b_out, activation: str, route_bias=None, gate: bool = False) -> torch.Tensor:
         weights = (w_in, b_in, w_out, b_out)
-        if route_bias is not None or gate:           # "cpu" (CPU float32/64, not traced) or "torch"
-            backend = cpu if _routed_on_cpu(x, *weights, route_bias) else vectorized
-            return backend.neuron_tree(x, *weights, activation, route_bias, gate)
-        return _pick((x, *weights), True).neuron_tree(x, *weights, activation)
+        if route_bias is not None or gate:
+            return _pick_routed((x, *weights, route_bias)).neuron_tree(x, *weights, activation, route_bias, gate)
+        return _pick((x, *weights)).neuron_tree(x, *weights, activation)
 
     @staticmethod
     def neuron_tree_paths(x, w_in, b_in, w_out, b_out, activation: str, route_bias=None, gate: bool = False,
                           preactivations: bool = False):
         weights = (w_in, b_in, w_out, b_out)
         if route_bias is not None or gate:
-            backend = cpu if _routed_on_cpu(x, *weights, route_bias) else vectorized
-            return backend.neuron_tree_paths(x, *weights, activation, route_bias, gate, preactivations)
-        return _pick((x, *weights), False).neuron_tree_paths(x, *weights, activation, preactivations=preactivations)
+            return _pick_routed((x, *weights, route_bias)).neuron_tree_paths(x, *weights, activation, route_bias,
+                                                                            gate, preactivations)
+        return _pick((x, *weights)).neuron_tree_paths(x, *weights, activation, preactivations=preactivations)
 
     @staticmethod
     def prepare(op: str, weights: tuple, activation: str, *flags):
@@ -151,37 +160,33 @@ class _Auto:
 
     @staticmethod
     def fff_walk(x, node_w, node_b, flip):
-        return _pick((x, node_w, node_b), False).fff_walk(x, node_w, node_b, flip)
+        return _pick((x, node_w, node_b)).fff_walk(x, node_w, node_b, flip)
 
     @staticmethod
     def fff_leaves(x, w1, b1, w2, b2, gate, leaf, mask, activation: str):
-        return _pick((x, w1, b1, w2, b2), False).fff_leaves(x, w1, b1, w2, b2, gate, leaf, mask, activation)
+        return _pick((x, w1, b1, w2, b2)).fff_leaves(x, w1, b1, w2, b2, gate, leaf, mask, activation)
 
 
 AUTO = _Auto()
 
 
-def resolve(backend: str | None, training: bool = False):
+def resolve(backend: str | None):
     """The backend a layer with ``backend`` runs on (the forced one, else its own, else the global
     default): a module with the interface above, or for ``"auto"`` a dispatcher that chooses per
-    call. ``training``: the backend must provide the training ops (``"triton"`` does not:
-    ValueError). Called on every layer forward (the eval hot path too)."""
+    call. Called on every layer forward (the eval hot path too)."""
     name = _forced or backend or _default
     if name == "auto":
         return AUTO
     module = BACKENDS.get(name) if isinstance(name, str) else None
     if module is None:
         check_choice("backend", name, ("auto", *BACKENDS))   # raises: not a backend name
-    if training and name == "triton":
-        raise ValueError("backend 'triton' is inference-only and cannot train; train with backend 'auto', "
-                         "'cpu' or 'torch' (layer.backend = None follows fastff.set_backend)")
     return module
 
 
 def fff_hard_path(x, node_w, node_b, w1, b1, w2, b2, activation: str, flip=None, hardened: bool = False,
                   dropout: float = 0.0, backend: str | None = None):
     """``routing.fff_hard_path`` on the training ops of ``backend`` (see ``resolve``)."""
-    be = resolve(backend, training=True)
+    be = resolve(backend)
     return routing.fff_hard_path(be.fff_walk, be.fff_leaves, x, node_w, node_b, w1, b1, w2, b2, activation,
                                  flip, hardened, dropout)
 

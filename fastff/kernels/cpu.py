@@ -28,8 +28,7 @@ import numba
 import numpy as np
 import torch
 
-from ..functional import (activation_code, fff_depth, get_activation, neuron_tree_path_gate, tree_levels,
-                          tree_routing_logits)
+from ..functional import activation_code, fff_depth, tree_levels
 from ..threads import follow_torch_threads, single_threaded_blas, with_torch_threads
 from . import gathered, routing
 from .numba import common, infer, train
@@ -526,13 +525,11 @@ class _Leaves(torch.autograd.Function):
         return tuple(map(torch.from_numpy, (gx, dw1, db1, dw2, db2, ggate))) + (None, None, None)
 
 
-def _routed_paths(x, w_in, b_in, w_out, b_out, activation: str, route_bias, gate: bool):
-    """NeuronTree with the routing offset and / or the path gate: the walk on the grouped descent
-    (no gradient; the offset joins b_in in the decisions), then the visited neurons on the gathered
-    ops (``gathered.gathered_dots`` / ``gathered_combine`` over the trees' flattened (K·M, F)
-    tables) and the gate and activation in torch on (B, K, D+1). -> (y, nodes, pre) as
-    ``neuron_tree_paths``."""
-    (K, M, I), O, B = w_in.shape, w_out.shape[-1], x.shape[0]
+def _visited_preacts(x, w_in, b_in, route_bias):
+    """The walk of the routing options: the grouped descent (no gradient; the offset joins b_in in
+    the decisions), then the visited pre-activations on ``gathered.gathered_dots`` over the trees'
+    flattened (K·M, I) table. -> (pre (B, K, D+1) differentiable, nodes (B, K, D+1) long)."""
+    (K, M, I), B = w_in.shape, x.shape[0]
     levels = tree_levels(M)
     with torch.no_grad():
         bias = b_in if route_bias is None else b_in + route_bias
@@ -541,12 +538,7 @@ def _routed_paths(x, w_in, b_in, w_out, b_out, activation: str, route_bias, gate
     nodes = torch.from_numpy(nodes)
     ids = (nodes + torch.arange(K)[:, None] * M).view(B, K * levels)
     a = gathered.gathered_dots(x, w_in.reshape(K * M, I), ids) + b_in.reshape(K * M)[ids]
-    pre = a.view(B, K, levels)
-    h = get_activation(activation)(pre)
-    if gate:
-        h = h * neuron_tree_path_gate(tree_routing_logits(pre, nodes, route_bias))
-    y = gathered.gathered_combine(h.view(B, K * levels), w_out.reshape(K * M, O), ids)
-    return (y if b_out is None else y + b_out), nodes, pre
+    return a.view(B, K, levels), nodes
 
 
 def neuron_tree_paths(x, w_in, b_in, w_out, b_out, activation: str, route_bias=None, gate: bool = False,
@@ -559,10 +551,11 @@ def neuron_tree_paths(x, w_in, b_in, w_out, b_out, activation: str, route_bias=N
     gradients; weight gradients are nonzero only in visited rows. Equal (values and gradients) to
     ``reference.neuron_tree_paths``. ``route_bias`` (K, M) offsets the decisions only, ``gate``
     scales each visited neuron's term by its path gate (as there); with either, the visited neurons
-    run on the gathered ops (``_routed_paths``), else on the fused tree kernels."""
+    run on the gathered ops (``routing.neuron_tree_visited``), else on the fused tree kernels."""
     check_tensors(x, w_in, b_in, w_out, b_out, route_bias)
     if route_bias is not None or gate:
-        y, nodes, pre = _routed_paths(x, w_in, b_in, w_out, b_out, activation, route_bias, gate)
+        y, nodes, pre = routing.neuron_tree_visited(_visited_preacts, gathered.gathered_combine, x, w_in, b_in,
+                                                    w_out, b_out, activation, route_bias, gate)
     else:
         bias = w_out.new_zeros(w_out.shape[-1]) if b_out is None else b_out
         y, nodes, pre = _NeuronTree.apply(x, w_in, b_in, w_out, bias, activation_code(activation))

@@ -3,13 +3,16 @@
 A backend that trains provides ``fff_walk`` (hard descent, logits differentiable),
 ``fff_leaves`` (gate · reached leaf, rows grouped by leaf) and ``neuron_tree_paths``; this module
 composes the FFF hard path from them once, for every backend: the training forward of
-``FFF(train_mode="hard_path")`` and the differentiable eval forward of any FFF.
+``FFF(train_mode="hard_path")`` and the differentiable eval forward of any FFF. It also composes
+a NeuronTree from a differentiable walk and a gathered-row combine (``neuron_tree_visited``), for
+the backends that run the routing options that way.
 """
 from __future__ import annotations
 
 import torch
 
-from ..functional import child_index, fff_depth, go_right, taken_prob
+from ..functional import (child_index, fff_depth, get_activation, go_right, neuron_tree_path_gate, taken_prob,
+                          tree_routing_logits)
 
 
 def needs_grad(*tensors) -> bool:
@@ -48,3 +51,24 @@ def fff_hard_path(walk, leaves, x, node_w, node_b, w1, b1, w2, b2, activation: s
             else x.new_ones(1, H))
     y = leaves(x, w1, b1, w2, b2, q.prod(1), leaf, mask, activation)
     return y, q, leaf, nodes, logits
+
+
+def neuron_tree_visited(walk, combine, x, w_in, b_in, w_out, b_out, activation: str, route_bias=None,
+                        gate: bool = False):
+    """NeuronTree forward through the visited neurons only: the walk gives every visited
+    pre-activation, the activation (times the path gate if ``gate``) runs in torch on (B, K, T),
+    and ``combine`` sums the visited rows of ``w_out``.
+
+    walk(x, w_in, b_in, route_bias) -> (pre (B, K, T) differentiable, nodes (B, K, T) long), the
+    decisions offset by ``route_bias`` (K, M) and ``pre`` without it; combine: a backend's
+    ``gathered_combine(c (B, S), w (R, O), idx (B, S)) -> (B, O)``. -> (y (B, O), nodes, pre) as a
+    backend's ``neuron_tree_paths(..., preactivations=True)``."""
+    (K, M, _), O, B = w_in.shape, w_out.shape[-1], x.shape[0]
+    pre, nodes = walk(x, w_in, b_in, route_bias)
+    h = get_activation(activation)(pre)
+    if gate:
+        h = h * neuron_tree_path_gate(tree_routing_logits(pre, nodes, route_bias))
+    T = pre.shape[2]
+    ids = (nodes + torch.arange(K, device=x.device)[:, None] * M).reshape(B, K * T)
+    y = combine(h.reshape(B, K * T), w_out.reshape(K * M, O), ids)
+    return (y if b_out is None else y + b_out), nodes, pre

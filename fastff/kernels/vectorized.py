@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ..functional import (fff_depth, get_activation, hard_path, neuron_tree_path_gate, neuron_tree_walk, taken_prob,
-                          tree_levels, tree_routing_logits)
+from ..functional import fff_depth, get_activation, hard_path, neuron_tree_walk, taken_prob, tree_levels
+from .routing import neuron_tree_visited
 
 CHUNK_BYTES = 64 << 20
 
@@ -50,19 +50,24 @@ def neuron_tree(x, w_in, b_in, w_out, b_out, activation: str, route_bias=None, g
                       for xc in _chunks(x, per_row)])
 
 
+def _walk(x, w_in, b_in, route_bias):
+    """``functional.neuron_tree_walk`` as ``routing.neuron_tree_visited`` takes it: -> (pre, nodes)."""
+    nodes, a = neuron_tree_walk(x, w_in, b_in, tree_levels(w_in.shape[1]) - 1, route_bias)
+    return a, nodes
+
+
+def _combine(c, w, idx):
+    """(B, O) = Σ_s c[r, s] · w[idx[r, s]], on a gathered (B, S, O) tensor."""
+    return torch.einsum("bs,bso->bo", c, w[idx])
+
+
 def neuron_tree_paths(x, w_in, b_in, w_out, b_out, activation: str, route_bias=None, gate: bool = False,
                       preactivations: bool = False):
     """NeuronTree forward with the visited nodes. -> (y (B, O), nodes (B, K, D+1) long), and the
     visited pre-activations (B, K, D+1) if ``preactivations``; differentiable through the visited
     neurons only. ``route_bias`` (K, M) offsets the decisions only; ``gate`` scales each visited
     neuron's output by its path gate (``functional.neuron_tree_path_gate``)."""
-    nodes, a = neuron_tree_walk(x, w_in, b_in, tree_levels(w_in.shape[1]) - 1, route_bias)   # (B, K, D+1)
-    tree = torch.arange(w_in.shape[0], device=x.device)[:, None]
-    h = get_activation(activation)(a)
-    if gate:
-        h = h * neuron_tree_path_gate(tree_routing_logits(a, nodes, route_bias))
-    y = torch.einsum("bkt,bkto->bo", h, w_out[tree, nodes])
-    y = y if b_out is None else y + b_out
+    y, nodes, a = neuron_tree_visited(_walk, _combine, x, w_in, b_in, w_out, b_out, activation, route_bias, gate)
     return (y, nodes, a) if preactivations else (y, nodes)
 
 

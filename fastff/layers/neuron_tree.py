@@ -14,7 +14,6 @@ from .dense import DenseFF
 
 USAGE = (None, "hard")
 GATES = ("none", "path")
-ROUTED_OPTION_BACKENDS = ("reference", "torch", "cpu")   # the backends that implement route_bias and gate="path"
 
 
 class NeuronTree(EagerKernel, RoutedLayer):
@@ -94,8 +93,6 @@ class NeuronTree(EagerKernel, RoutedLayer):
         if self.route_bias_rate > 0:
             self.register_buffer("route_bias", torch.zeros(trees, M))
         self.dense = DenseFF(in_features, out_features, dense_slice, activation) if dense_slice else None
-        if self.routed_options():
-            self._check_backend(self.backend)
 
     @property
     def neurons_per_tree(self) -> int:
@@ -120,23 +117,6 @@ class NeuronTree(EagerKernel, RoutedLayer):
         if self.gate == "path":
             options["gate"] = True
         return options
-
-    def _check_backend(self, name) -> None:
-        """ValueError if backend ``name`` cannot run this layer's routing options."""
-        if name in (None, "auto", *ROUTED_OPTION_BACKENDS):
-            return
-        used = ([f"route_bias={self.route_bias_rate}"] if "route_bias" in self._buffers else []) + \
-            (["gate='path'"] if self.gate == "path" else [])
-        raise ValueError(f"NeuronTree options {' and '.join(used)} run on the 'cpu', 'torch' and 'reference' backends "
-                         f"only; backend {name!r} does not implement them (backend 'auto' or None picks one)")
-
-    def _backend(self, training: bool):
-        """The backend of this forward (``kernels.resolve``); with routing options in use, one that
-        implements them (``"auto"`` picks ``"cpu"`` or ``"torch"`` per call)."""
-        backend = kernels.resolve(self.backend, training=training)
-        if self.routed_options() and backend is not kernels.AUTO:
-            self._check_backend(next(n for n, m in kernels.BACKENDS.items() if m is backend))
-        return backend
 
     def reset_usage(self) -> None:
         """Zero the usage counter (no-op without ``usage``)."""
@@ -163,10 +143,10 @@ class NeuronTree(EagerKernel, RoutedLayer):
     def _tree(self, x: torch.Tensor) -> torch.Tensor:
         options = self.routed_options()
         if not self.training:
-            return self._backend(False).neuron_tree(
+            return kernels.resolve(self.backend).neuron_tree(
                 x, self._param("w_in"), self._param("b_in"), self._param("w_out"), self._param("b_out"),
                 self.activation, **options)
-        y, nodes, pre = self._backend(True).neuron_tree_paths(
+        y, nodes, pre = kernels.resolve(self.backend).neuron_tree_paths(
             x, self.w_in, self.b_in, self.w_out, self.b_out, self.activation, preactivations=True, **options)
         if self.usage == "hard":
             rows = (nodes + torch.arange(self.trees, device=x.device)[:, None] * self.neurons_per_tree).flatten()

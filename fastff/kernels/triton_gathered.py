@@ -1,0 +1,185 @@
+"""Differentiable ops over gathered weight rows as Triton kernels (the GPU twin of
+``fastff.kernels.gathered``): each of B rows reads S rows of a weight table w (R, F) through
+idx (B, S) long.
+
+- ``gathered_dots(v (B, F), w (R, F), idx) -> a (B, S)``, a[r, s] = v[r] · w[idx[r, s]];
+- ``gathered_combine(c (B, S), w (R, F), idx) -> y (B, F)``, y[r] = Σ_s c[r, s] · w[idx[r, s]];
+- ``row_sums(c (B, S), v (B, F), idx, R) -> (R, F)``, row e = Σ c[r, s] · v[r] over idx[r, s] = e:
+  the weight gradient of both ops (rows no pair uses stay zero).
+
+Forward and backward are O(S·F) per row: the input gradient of one op is the other op. Each
+program takes ``BLOCK_ROWS`` rows; a row loads its own weight rows (rows that share a weight row
+share it through the cache). ``row_sums`` sorts the (row, slot) pairs by weight row, cuts every
+weight row's pairs into chunks of ``CHUNK`` and adds each chunk's sum atomically, so a row that
+every input reaches (a tree's root) is summed by many programs. Inputs of any float dtype,
+accumulated in float32 (float64 for float64); outputs in the input's dtype, weight gradients in
+the weight's dtype.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_ROWS = 32
+BLOCK_F = 64
+CHUNK = 32
+
+
+def acc_dtype(t: torch.Tensor):
+    """Accumulate in float64 for float64 tensors, else in float32."""
+    return tl.float64 if t.dtype == torch.float64 else tl.float32
+
+
+def _acc_torch(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+@triton.jit
+def _dots_kernel(v, w, idx, out, B, S, F, ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK: tl.constexpr):
+    s = tl.program_id(1)
+    rows = (tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    rm = rows < B
+    r = tl.load(idx + rows * S + s, mask=rm, other=0)
+    acc = tl.zeros((BLOCK_B, BLOCK), dtype=ACC)
+    for start in range(0, F, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        m = rm[:, None] & (offs < F)[None, :]
+        acc += (tl.load(v + rows[:, None] * F + offs[None, :], mask=m, other=0.0).to(ACC)
+                * tl.load(w + r[:, None] * F + offs[None, :], mask=m, other=0.0).to(ACC))
+    tl.store(out + rows * S + s, tl.sum(acc, axis=1).to(out.dtype.element_ty), mask=rm)
+
+
+@triton.jit
+def _combine_kernel(c, w, idx, out, B, S, F, ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK: tl.constexpr):
+    rows = (tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    rm, fm = rows < B, offs < F
+    acc = tl.zeros((BLOCK_B, BLOCK), dtype=ACC)
+    for s in range(S):
+        r = tl.load(idx + rows * S + s, mask=rm, other=0)
+        cs = tl.load(c + rows * S + s, mask=rm, other=0.0).to(ACC)
+        acc += cs[:, None] * tl.load(w + r[:, None] * F + offs[None, :], mask=rm[:, None] & fm[None, :],
+                                     other=0.0).to(ACC)
+    tl.store(out + rows[:, None] * F + offs[None, :], acc.to(out.dtype.element_ty), mask=rm[:, None] & fm[None, :])
+
+
+@triton.jit
+def _row_sums_kernel(c, v, order, chunk_row, chunk_start, chunk_end, gw, S, F,
+                     ACC: tl.constexpr, CHUNK_P: tl.constexpr, BLOCK: tl.constexpr):
+    ch = tl.program_id(0)
+    row = tl.load(chunk_row + ch)
+    js = tl.load(chunk_start + ch) + tl.arange(0, CHUNK_P)
+    jm = js < tl.load(chunk_end + ch)
+    pair = tl.load(order + js, mask=jm, other=0)            # (row, slot) pairs as row * S + slot
+    cs = tl.load(c + pair, mask=jm, other=0.0).to(ACC)
+    src = pair // S
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    fm = offs < F
+    tile = tl.load(v + src[:, None] * F + offs[None, :], mask=jm[:, None] & fm[None, :], other=0.0).to(ACC)
+    tl.atomic_add(gw + row * F + offs, tl.sum(cs[:, None] * tile, axis=0), mask=fm)
+
+
+def _dots(v: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    B, S = idx.shape
+    out = torch.empty(B, S, dtype=v.dtype, device=v.device)
+    if B and S:
+        _dots_kernel[(triton.cdiv(B, BLOCK_ROWS), S)](v.contiguous(), w.contiguous(), idx.contiguous(), out, B, S,
+                                                     v.shape[1], ACC=acc_dtype(v), BLOCK_B=BLOCK_ROWS, BLOCK=BLOCK_F)
+    return out
+
+
+def _combine(c: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    (B, S), F = idx.shape, w.shape[1]
+    out = (torch.empty if S else torch.zeros)(B, F, dtype=c.dtype, device=c.device)
+    if B and S and F:
+        _combine_kernel[(triton.cdiv(B, BLOCK_ROWS), triton.cdiv(F, BLOCK_F))](
+            c.contiguous(), w.contiguous(), idx.contiguous(), out, B, S, F, ACC=acc_dtype(c), BLOCK_B=BLOCK_ROWS,
+            BLOCK=BLOCK_F)
+    return out
+
+
+def row_sums(c: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, rows: int, dtype: torch.dtype) -> torch.Tensor:
+    """(rows, F) in ``dtype``: row e = Σ c[r, s] · v[r] over the pairs with idx[r, s] = e.
+    c (B, S), v (B, F), idx (B, S) long in [0, rows)."""
+    F = v.shape[1]
+    gw = torch.zeros(rows, F, dtype=_acc_torch(v), device=v.device)
+    flat = idx.reshape(-1)
+    if flat.numel() and F:
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=rows)
+        starts = torch.cumsum(counts, 0) - counts
+        chunks = (counts + CHUNK - 1) // CHUNK
+        total = int(chunks.sum())                       # the grid size: one device sync
+        chunk_row = torch.repeat_interleave(torch.arange(rows, device=v.device), chunks, output_size=total)
+        first = torch.cumsum(chunks, 0) - chunks
+        chunk_start = starts[chunk_row] + (torch.arange(total, device=v.device) - first[chunk_row]) * CHUNK
+        chunk_end = (starts + counts)[chunk_row]
+        _row_sums_kernel[(total, triton.cdiv(F, BLOCK_F))](
+            c.contiguous(), v.contiguous(), order, chunk_row, chunk_start, chunk_end, gw, idx.shape[1], F,
+            ACC=acc_dtype(v), CHUNK_P=CHUNK, BLOCK=BLOCK_F)
+    return gw.to(dtype)
+
+
+def bias_sums(c: torch.Tensor, idx: torch.Tensor, rows: int, dtype: torch.dtype) -> torch.Tensor:
+    """(rows,) in ``dtype``: entry e = Σ c[r, s] over the pairs with idx[r, s] = e (a bias gradient)."""
+    acc = torch.zeros(rows, dtype=_acc_torch(c), device=c.device)
+    return acc.index_add_(0, idx.reshape(-1), c.reshape(-1).to(acc.dtype)).to(dtype)
+
+
+class _Dots(torch.autograd.Function):
+    """v (B, F), w (R, F), idx (B, S) long -> (B, S) = v[r] · w[idx[r, s]]."""
+
+    @staticmethod
+    def forward(ctx, v, w, idx):
+        ctx.save_for_backward(v, w, idx)
+        return _dots(v, w, idx)
+
+    @staticmethod
+    def backward(ctx, g):
+        v, w, idx = ctx.saved_tensors
+        gv = _combine(g, w, idx).to(v.dtype) if ctx.needs_input_grad[0] else None
+        gw = row_sums(g, v, idx, w.shape[0], w.dtype) if ctx.needs_input_grad[1] else None
+        return gv, gw, None
+
+
+class _Combine(torch.autograd.Function):
+    """c (B, S), w (R, F), idx (B, S) long -> (B, F) = Σ_s c[r, s] · w[idx[r, s]]."""
+
+    @staticmethod
+    def forward(ctx, c, w, idx):
+        ctx.save_for_backward(c, w, idx)
+        return _combine(c, w, idx)
+
+    @staticmethod
+    def backward(ctx, g):
+        c, w, idx = ctx.saved_tensors
+        gc = _dots(g, w, idx).to(c.dtype) if ctx.needs_input_grad[0] else None
+        gw = row_sums(c, g, idx, w.shape[0], w.dtype) if ctx.needs_input_grad[1] else None
+        return gc, gw, None
+
+
+def _check(v: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, name: str) -> None:
+    if v.dim() != 2 or w.dim() != 2 or idx.dim() != 2 or idx.dtype != torch.long:
+        raise ValueError(f"{name} takes 2-D tensors and a 2-D long index; got {tuple(v.shape)}, {tuple(w.shape)}, "
+                         f"{tuple(idx.shape)} {idx.dtype}")
+    if len({v.device, w.device, idx.device}) != 1:
+        raise ValueError(f"{name}: tensors on different devices ({v.device}, {w.device}, {idx.device})")
+
+
+def gathered_dots(v: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """a (B, S) = v[r] · w[idx[r, s]]. v (B, F), w (R, F), idx (B, S) long in [0, R) (not checked:
+    the indices come from the walks); differentiable in v and w."""
+    _check(v, w, idx, "gathered_dots")
+    if v.shape[0] != idx.shape[0] or v.shape[1] != w.shape[1]:
+        raise ValueError(f"gathered_dots: shapes {tuple(v.shape)}, {tuple(w.shape)}, {tuple(idx.shape)} do not match")
+    return _Dots.apply(v, w, idx)
+
+
+def gathered_combine(c: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """y (B, F) = Σ_s c[r, s] · w[idx[r, s]]. c (B, S), w (R, F), idx (B, S) long in [0, R);
+    differentiable in c and w."""
+    _check(c, w, idx, "gathered_combine")
+    if c.shape != idx.shape:
+        raise ValueError(f"gathered_combine: c {tuple(c.shape)} and idx {tuple(idx.shape)} differ in shape")
+    return _Combine.apply(c, w, idx)
