@@ -4,10 +4,11 @@ float32 / float64: each of B rows reads S rows of a weight table w (R, F) throug
 - ``gathered_dots(x (B, I), w (R, I), idx) -> a (B, S)``, a[r, s] = x[r] · w[idx[r, s]];
 - ``gathered_combine(c (B, S), w (R, O), idx) -> y (B, O)``, y[r] = Σ_s c[r, s] · w[idx[r, s]].
 
-Forward and backward are O(S·F) per row: the input gradient of one is the other op, the weight
-gradient is a dense (R, F) tensor whose rows are summed pair by pair, the pairs grouped by row
-(one writer per row; zero in the rows no pair uses). No (B, S, F) tensor exists. Equal to the torch
-expressions ``einsum("bi,bsi->bs", x, w[idx])`` / ``einsum("bs,bso->bo", c, w[idx])``.
+Forward and backward are O(S·F) per row (``gathered_autograd.GatheredOps`` on the numba
+primitives): the input gradient of one is the other op, the weight gradient is a dense (R, F)
+tensor whose rows are summed pair by pair, the pairs grouped by row (one writer per row; zero in
+the rows no pair uses). No (B, S, F) tensor exists. Equal to the torch expressions
+``einsum("bi,bsi->bs", x, w[idx])`` / ``einsum("bs,bso->bo", c, w[idx])``.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 
 from ..threads import follow_torch_threads
 from . import cpu
+from .gathered_autograd import GatheredOps
 from .numba import gathered as kernel
 from .numba.common import group_rows
 
@@ -32,93 +34,43 @@ def weight_blocks(starts: np.ndarray) -> np.ndarray:
     return np.concatenate(([0], np.minimum(cuts, n), [n])).astype(np.int64)
 
 
-def _dots(v: np.ndarray, w: np.ndarray, idx: np.ndarray) -> np.ndarray:
+@follow_torch_threads
+def _dots(v: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """(B, S) = v[r] · w[idx[r, s]]."""
-    out = np.zeros(idx.shape, v.dtype)
-    if idx.size:
-        kernel.dots(v, w, idx, out)
-    return out
+    out = np.zeros(idx.shape, cpu._np(v).dtype)
+    if idx.numel():
+        kernel.dots(cpu._np(v), cpu._np(w), cpu._np(idx), out)
+    return torch.from_numpy(out)
 
 
-def _combine(c: np.ndarray, w: np.ndarray, idx: np.ndarray) -> np.ndarray:
+@follow_torch_threads
+def _combine(c: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """(B, F) = Σ_s c[r, s] · w[idx[r, s]]."""
-    out = np.zeros((idx.shape[0], w.shape[1]), w.dtype)
-    if idx.size:
-        kernel.combine(c, w, idx, out)
-    return out
+    out = np.zeros((idx.shape[0], w.shape[1]), cpu._np(w).dtype)
+    if idx.numel():
+        kernel.combine(cpu._np(c), cpu._np(w), cpu._np(idx), out)
+    return torch.from_numpy(out)
 
 
-def _row_grads(c: np.ndarray, v: np.ndarray, idx: np.ndarray, rows: int) -> torch.Tensor:
+@follow_torch_threads
+def _row_sums(c: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, rows: int, dtype: torch.dtype) -> torch.Tensor:
     """(rows, F) gradient of the weight table: row e = Σ c[r, s] · v[r] over idx[r, s] = e."""
-    gw = np.zeros((rows, v.shape[1]), v.dtype)
-    if idx.size:
-        order, starts = group_rows(idx.reshape(-1), rows)
-        kernel.grouped_sums(np.ascontiguousarray(c).reshape(-1), v, idx.shape[1], order, starts,
-                            weight_blocks(starts), gw)
-    return torch.from_numpy(gw)
-
-
-class _Dots(torch.autograd.Function):
-    """x (B, I), w (R, I), idx (B, S) long -> (B, S) = x[r] · w[idx[r, s]]."""
-
-    @staticmethod
-    @follow_torch_threads
-    def forward(ctx, x, w, idx):
-        ctx.save_for_backward(x, w, idx)
-        return torch.from_numpy(_dots(cpu._np(x), cpu._np(w), cpu._np(idx)))
-
-    @staticmethod
-    @follow_torch_threads
-    def backward(ctx, g):
-        x, w, idx = (cpu._np(t) for t in ctx.saved_tensors)
-        g = cpu._np(g)
-        gx = torch.from_numpy(_combine(g, w, idx)) if ctx.needs_input_grad[0] else None
-        gw = _row_grads(g, x, idx, w.shape[0]) if ctx.needs_input_grad[1] else None
-        return gx, gw, None
-
-
-class _Combine(torch.autograd.Function):
-    """c (B, S), w (R, O), idx (B, S) long -> (B, O) = Σ_s c[r, s] · w[idx[r, s]]."""
-
-    @staticmethod
-    @follow_torch_threads
-    def forward(ctx, c, w, idx):
-        ctx.save_for_backward(c, w, idx)
-        return torch.from_numpy(_combine(cpu._np(c), cpu._np(w), cpu._np(idx)))
-
-    @staticmethod
-    @follow_torch_threads
-    def backward(ctx, g):
-        c, w, idx = (cpu._np(t) for t in ctx.saved_tensors)
-        g = cpu._np(g)
-        gc = torch.from_numpy(_dots(g, w, idx)) if ctx.needs_input_grad[0] else None
-        gw = _row_grads(c, g, idx, w.shape[0]) if ctx.needs_input_grad[1] else None
-        return gc, gw, None
+    va = cpu._np(v)
+    gw = np.zeros((rows, va.shape[1]), va.dtype)
+    if idx.numel():
+        order, starts = group_rows(cpu._np(idx).reshape(-1), rows)
+        kernel.grouped_sums(cpu._np(c).reshape(-1), va, idx.shape[1], order, starts, weight_blocks(starts), gw)
+    return torch.from_numpy(gw).to(dtype)
 
 
 def _check(v: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, name: str) -> None:
-    """Shapes, dtypes and index range of a gathered op (raises like ``cpu.check_tensors``)."""
+    """CPU float32 / float64 tensors of one dtype, a CPU index in range (raises like ``cpu.check_tensors``)."""
     cpu.check_tensors(v, w)
-    if v.dim() != 2 or w.dim() != 2 or idx.dim() != 2 or idx.dtype != torch.long or not idx.is_cpu:
-        raise ValueError(f"{name} takes 2-D tensors and a 2-D CPU long index; got {tuple(v.shape)}, "
-                         f"{tuple(w.shape)}, {tuple(idx.shape)} {idx.dtype}")
+    if not idx.is_cpu:
+        raise ValueError(f"{name} takes a CPU index, got one on {idx.device}")
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= w.shape[0]):
         raise IndexError(f"{name}: index out of range for a table of {w.shape[0]} rows")
 
 
-def gathered_dots(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """a (B, S) = x[r] · w[idx[r, s]]. x (B, I), w (R, I), idx (B, S) long in [0, R); differentiable
-    in x and w."""
-    _check(x, w, idx, "gathered_dots")
-    if x.shape[0] != idx.shape[0] or x.shape[1] != w.shape[1]:
-        raise ValueError(f"gathered_dots: shapes {tuple(x.shape)}, {tuple(w.shape)}, {tuple(idx.shape)} do not match")
-    return _Dots.apply(x, w, idx)
-
-
-def gathered_combine(c: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """y (B, O) = Σ_s c[r, s] · w[idx[r, s]]. c (B, S), w (R, O), idx (B, S) long in [0, R);
-    differentiable in c and w."""
-    _check(c, w, idx, "gathered_combine")
-    if c.shape != idx.shape:
-        raise ValueError(f"gathered_combine: c {tuple(c.shape)} and idx {tuple(idx.shape)} differ in shape")
-    return _Combine.apply(c, w, idx)
+_OPS = GatheredOps(_dots, _combine, _row_sums, _check)
+gathered_dots, gathered_combine = _OPS.gathered_dots, _OPS.gathered_combine

@@ -1,11 +1,8 @@
 """Differentiable ops over gathered weight rows as Triton kernels (the GPU twin of
-``fastff.kernels.gathered``): each of B rows reads S rows of a weight table w (R, F) through
-idx (B, S) long.
-
-- ``gathered_dots(v (B, F), w (R, F), idx) -> a (B, S)``, a[r, s] = v[r] · w[idx[r, s]];
-- ``gathered_combine(c (B, S), w (R, F), idx) -> y (B, F)``, y[r] = Σ_s c[r, s] · w[idx[r, s]];
-- ``row_sums(c (B, S), v (B, F), idx, R) -> (R, F)``, row e = Σ c[r, s] · v[r] over idx[r, s] = e:
-  the weight gradient of both ops (rows no pair uses stay zero).
+``fastff.kernels.gathered``): ``gathered_dots`` and ``gathered_combine`` built by
+``gathered_autograd.GatheredOps`` on three kernels — dots, combine, and ``row_sums`` (the weight
+gradient of both: row e = Σ c[r, s] · v[r] over the pairs with idx[r, s] = e; rows no pair uses
+stay zero) — plus ``bias_sums`` for a bias gathered with the same index.
 
 Forward and backward are O(S·F) per row: the input gradient of one op is the other op. Each
 program takes ``BLOCK_ROWS`` rows; a row loads its own weight rows (rows that share a weight row
@@ -20,6 +17,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from .gathered_autograd import GatheredOps
 
 BLOCK_ROWS = 32
 BLOCK_F = 64
@@ -127,59 +126,11 @@ def bias_sums(c: torch.Tensor, idx: torch.Tensor, rows: int, dtype: torch.dtype)
     return acc.index_add_(0, idx.reshape(-1), c.reshape(-1).to(acc.dtype)).to(dtype)
 
 
-class _Dots(torch.autograd.Function):
-    """v (B, F), w (R, F), idx (B, S) long -> (B, S) = v[r] · w[idx[r, s]]."""
-
-    @staticmethod
-    def forward(ctx, v, w, idx):
-        ctx.save_for_backward(v, w, idx)
-        return _dots(v, w, idx)
-
-    @staticmethod
-    def backward(ctx, g):
-        v, w, idx = ctx.saved_tensors
-        gv = _combine(g, w, idx).to(v.dtype) if ctx.needs_input_grad[0] else None
-        gw = row_sums(g, v, idx, w.shape[0], w.dtype) if ctx.needs_input_grad[1] else None
-        return gv, gw, None
-
-
-class _Combine(torch.autograd.Function):
-    """c (B, S), w (R, F), idx (B, S) long -> (B, F) = Σ_s c[r, s] · w[idx[r, s]]."""
-
-    @staticmethod
-    def forward(ctx, c, w, idx):
-        ctx.save_for_backward(c, w, idx)
-        return _combine(c, w, idx)
-
-    @staticmethod
-    def backward(ctx, g):
-        c, w, idx = ctx.saved_tensors
-        gc = _dots(g, w, idx).to(c.dtype) if ctx.needs_input_grad[0] else None
-        gw = row_sums(c, g, idx, w.shape[0], w.dtype) if ctx.needs_input_grad[1] else None
-        return gc, gw, None
-
-
 def _check(v: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, name: str) -> None:
-    if v.dim() != 2 or w.dim() != 2 or idx.dim() != 2 or idx.dtype != torch.long:
-        raise ValueError(f"{name} takes 2-D tensors and a 2-D long index; got {tuple(v.shape)}, {tuple(w.shape)}, "
-                         f"{tuple(idx.shape)} {idx.dtype}")
     if len({v.device, w.device, idx.device}) != 1:
         raise ValueError(f"{name}: tensors on different devices ({v.device}, {w.device}, {idx.device})")
 
 
-def gathered_dots(v: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """a (B, S) = v[r] · w[idx[r, s]]. v (B, F), w (R, F), idx (B, S) long in [0, R) (not checked:
-    the indices come from the walks); differentiable in v and w."""
-    _check(v, w, idx, "gathered_dots")
-    if v.shape[0] != idx.shape[0] or v.shape[1] != w.shape[1]:
-        raise ValueError(f"gathered_dots: shapes {tuple(v.shape)}, {tuple(w.shape)}, {tuple(idx.shape)} do not match")
-    return _Dots.apply(v, w, idx)
-
-
-def gathered_combine(c: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """y (B, F) = Σ_s c[r, s] · w[idx[r, s]]. c (B, S), w (R, F), idx (B, S) long in [0, R);
-    differentiable in c and w."""
-    _check(c, w, idx, "gathered_combine")
-    if c.shape != idx.shape:
-        raise ValueError(f"gathered_combine: c {tuple(c.shape)} and idx {tuple(idx.shape)} differ in shape")
-    return _Combine.apply(c, w, idx)
+# indices are not range-checked here (that would sync the device): they come from the walks
+_OPS = GatheredOps(_dots, _combine, row_sums, _check)
+gathered_dots, gathered_combine = _OPS.gathered_dots, _OPS.gathered_combine
