@@ -1,8 +1,12 @@
 """Triton kernels (both inference paths, and training) against the reference walks, run on CPU by
 Triton's interpreter."""
 import os
+import sys
 
-os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are defined: jit then builds interpreted functions
+# before triton is imported: its jit then builds interpreted functions (a test module collected
+# earlier that imports triton would make these kernels compiled ones, unusable on CPU)
+assert "triton" not in sys.modules, "triton was imported before tests/test_kernels_triton.py turned its interpreter on"
+os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -220,28 +224,31 @@ def test_triton_gathered_ops_match_torch_with_shared_rows(rows):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_triton_half_precision_training_is_close_to_float32(dtype):
-    """bfloat16 / float16 inputs and weights, accumulated in float32: outputs and gradients within
-    3% (relative to their norm) of the float32 reference on the same rounded values; rows whose
-    routing differs from float32 (a logit within rounding of 0) are left out."""
+    """bfloat16 / float16 inputs and weights, accumulated in float32: outputs (in the input's dtype)
+    and gradients (in each tensor's dtype) within 2% (relative to their norm) of the float32
+    reference on the same rounded values, NeuronTree with gate and FFF hard path; rows whose routing
+    differs from float32 (a logit within rounding of 0) get no gradient and are left out."""
     torch.manual_seed(4)
-    tree = [p.detach().to(dtype).requires_grad_() for p in tree_params(2, 4, 48, 24, True, torch.float32)]
-    x = torch.randn(64, 48).to(dtype).requires_grad_()
-    y, nodes = T.neuron_tree_paths(x, *tree, "gelu", None, True)
-    tree32 = [p.detach().float().requires_grad_() for p in tree]
-    x32 = x.detach().float().requires_grad_()
-    y32, nodes32 = R.neuron_tree_paths(x32, *tree32, "gelu", None, True)
-    assert y.dtype == dtype
-    same = kept((nodes == nodes32).flatten(1).all(1), 48)
-    g = torch.randn_like(y32)
-    g[~same] = 0
-    grads, grads32 = _grads(y, [x, *tree], g.to(dtype)), _grads(y32, [x32, *tree32], g)
+    x32 = torch.randn(64, 48).to(dtype).float()
+    tree = [p.detach().to(dtype).float() for p in tree_params(2, 4, 48, 24, True, torch.float32)]
+    fff = [p.to(dtype).float() for p in fff_params(3, 48, 8, 24, torch.float32)]
+    runs = {"neuron-tree": (tree, lambda ops, x, ps: ops.neuron_tree_paths(x, *ps, "gelu", None, True)),
+            "fff": (fff, lambda ops, x, ps: routing.fff_hard_path(ops.fff_walk, ops.fff_leaves, x, *ps,
+                                                                  "gelu")[0:3:2])}        # (y, leaf)
+    for name, (params, run) in runs.items():
+        half = [t.to(dtype).requires_grad_() for t in (x32, *params)]
+        full = [t.clone().requires_grad_() for t in (x32, *params)]
+        (y, paths), (y32, paths32) = run(T, half[0], half[1:]), run(R, full[0], full[1:])
+        same = kept((paths == paths32).reshape(len(x32), -1).all(1), 48)
+        g = torch.randn_like(y32)
+        g[~same] = 0
 
-    def close(a, b):
-        assert a.dtype == dtype and torch.linalg.norm(a.float() - b) <= 0.03 * torch.linalg.norm(b)
+        def close(a, b):
+            assert a.dtype == dtype and torch.linalg.norm(a.float() - b) <= 0.02 * torch.linalg.norm(b), name
 
-    close(y[same], y32[same])
-    for a, b in zip(grads, grads32):               # the left-out rows get no gradient: g is 0 there
-        close(a, b)
+        close(y[same], y32[same])
+        for a, b in zip(_grads(y, half, g.to(dtype)), _grads(y32, full, g)):
+            close(a, b)
 
 
 @pytest.mark.parametrize("make", [lambda: __import__("fastff").NeuronTree(12, 5, 3, trees=2, gate="path",

@@ -93,6 +93,16 @@ def test_bench_rows(capsys):
         main(["lm", "bench", "--ffns", "dense,conv"])
 
 
+def test_bench_device_is_checked_before_any_model_is_built(monkeypatch):
+    from fastff.apps import lm as app
+    monkeypatch.setattr(app, "bench_models", lambda *a: pytest.fail("built models for a bad --device"))
+    with pytest.raises(ValueError, match=r"--device must be cpu or cuda\[:N\], got 'tpu'"):
+        main(["lm", "bench", "--device", "tpu"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="--device cuda: CUDA is not available here"):
+        main(["lm", "bench", "--device", "cuda", "--ffns", "dense"])
+
+
 def test_experiment_grid_and_report(text_file, tmp_path):
     runs, results = tmp_path / "runs", tmp_path / "results"
     assert main(["lm", "experiment", "--text", str(text_file), *TINY, "--steps", "4", "--tune-steps", "2",

@@ -1,9 +1,11 @@
-"""Command-line options every command declares the same way: ``--threads``, the run directory
+"""Command-line options every command declares the same way: ``--threads``, ``--device``, the run directory
 flags (``--out``, ``--resume``, ``--overwrite``) and the feedforward family with its options,
 generated from the family registry (``fastff.layers.families``)."""
 from __future__ import annotations
 
 import argparse
+
+import torch
 
 from ..layers.families import FAMILIES, family
 from ..threads import set_threads
@@ -22,6 +24,27 @@ def apply_threads(args: argparse.Namespace) -> None:
     if n < 1:
         raise ValueError(f"--threads must be >= 1, got {n}; leave it out to use torch's default")
     set_threads(n)
+
+
+def add_device(p: argparse.ArgumentParser, default: str = "cpu") -> None:
+    p.add_argument("--device", default=default, help=f"cpu or cuda[:N] (default {default})")
+
+
+def check_device(name: str) -> torch.device:
+    """``--device``: ``cpu`` or an available ``cuda[:N]``; ValueError saying what to change otherwise."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda[:N], got {name!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available here (torch.cuda.is_available() is False); "
+                             f"use --device cpu")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def add_run_dir(p: argparse.ArgumentParser) -> None:

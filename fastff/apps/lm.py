@@ -9,6 +9,7 @@ fastff's kernels, and timed against dense float32 and int8 models.
   12 layers, dim 768, 12 heads), prefill and per-token generation, every variant interleaved in
   one process (``timing.median_times``), with dense int8 (``quantize_dynamic``) baselines and the
   Amdahl ceiling (the same model without feedforwards). ``--train`` times training steps instead.
+  ``--device cuda`` runs it on a GPU (the int8 variants, CPU-only, are skipped with a message).
 - ``experiment``: the grid behind docs/lm.md (``fastff.apps.lm_experiment``).
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ from ..models.gpt import GPT, GPTConfig, NoFFN
 from ..models.quantize import quantize_int8
 from ..training.lm import LMTrainConfig, fit, load_run
 from ..training.run import read_json, run_mode
-from .arguments import add_ffn_options, add_run_dir, add_threads, apply_threads, ffn_options
+from .arguments import add_device, add_ffn_options, add_run_dir, add_threads, apply_threads, check_device, ffn_options
 from .lm_grid import decode_seconds
 from .timing import median_times
 
@@ -132,6 +133,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     b.add_argument("--train", action="store_true",
                    help="time training steps (fwd + bwd + AdamW) at --batches sequences of --context tokens")
     add_threads(b)
+    add_device(b)
     b.add_argument("--json", action="store_true", help="JSON Lines, one object per row")
 
     e = sub.add_parser("experiment", help="the grid behind docs/lm.md")
@@ -273,14 +275,16 @@ def plot_capacity(history: list[dict], path: str, title: str) -> None:
 
 # ----------------------------------------------------------------------------- bench
 
-def bench_models(args, names: list[str]) -> dict[str, nn.Module]:
-    """The untrained models of ``fastff lm bench``, eval mode, one per variant name."""
+def bench_models(args, names: list[str], device: torch.device) -> dict[str, nn.Module]:
+    """The untrained models of ``fastff lm bench`` on ``device``, eval mode, one per variant name
+    (int8 variants: CPU only)."""
     base = dict(vocab_size=args.vocab, context=args.context, layers=args.layers, heads=args.heads, dim=args.dim)
     built = {}
     for name in names:
         kind = name.removesuffix("-int8")
         torch.manual_seed(0)
-        model = GPT(GPTConfig(**base, **ffn_fields(args, "dense" if kind == "no-ffn" else kind, strict=False))).eval()
+        model = GPT(GPTConfig(**base, **ffn_fields(args, "dense" if kind == "no-ffn" else kind, strict=False)))
+        model = model.to(device).eval()
         if kind == "no-ffn":
             for block in model.blocks:
                 block.ffn = NoFFN()
@@ -301,32 +305,41 @@ def bench_rows(args) -> list[dict]:
         raise ValueError(f"--ffns must name some of {', '.join(BENCH_FFNS)}, got {args.ffns!r}")
     if not args.train and args.prompt_tokens + args.new_tokens > args.context:
         raise ValueError(f"--prompt-tokens + --new-tokens must fit in --context {args.context}")
-    models = bench_models(args, names)
+    device = check_device(args.device)
     log = lambda msg: print(f"[lm bench] {msg}", file=sys.stderr, flush=True)
+    int8 = [n for n in names if n.endswith("-int8")]
+    if int8 and device.type != "cpu":
+        names = [n for n in names if n not in int8]
+        if not names:
+            raise ValueError(f"--ffns {args.ffns}: the int8 variants run on CPU only (torch.ao quantize_dynamic); "
+                             f"name others for --device {args.device}")
+        log(f"skipping {', '.join(int8)}: int8 (torch.ao quantize_dynamic) runs on CPU only")
+    models = bench_models(args, names, device)
     rows = []
     for batch in _ints(args.batches):
         gen = torch.Generator().manual_seed(batch)
         if args.train:
-            rows += _train_rows(models, batch, args, gen, log)
+            rows += _train_rows(models, batch, args, gen, log, device)
             continue
-        prompt = torch.randint(args.vocab, (batch, args.prompt_tokens), generator=gen)
+        prompt = torch.randint(args.vocab, (batch, args.prompt_tokens), generator=gen).to(device)
         log(f"prefill {batch}x{args.prompt_tokens}: {', '.join(models)}")
         with torch.inference_mode():
             times = median_times({n: (lambda m=m: m.forward_step(prompt, m.new_cache(batch))) for n, m in models.items()},
                                  args.repeats, warmup=1)
-        rows += _rows(times, "prefill", batch, batch * args.prompt_tokens)
+        rows += _rows(times, "prefill", batch, batch * args.prompt_tokens, device)
         log(f"generate {batch}x{args.new_tokens} after {args.prompt_tokens}")
-        rows += _rows(decode_seconds(models, prompt, args.new_tokens, args.repeats, gen), "generate", batch, batch)
+        rows += _rows(decode_seconds(models, prompt, args.new_tokens, args.repeats, gen), "generate", batch, batch,
+                      device)
     return rows
 
 
 
-def _train_rows(models: dict, batch: int, args, gen, log) -> list[dict]:
+def _train_rows(models: dict, batch: int, args, gen, log, device: torch.device) -> list[dict]:
     """Median fwd + bwd + AdamW step time of each (float32) variant on batch x context tokens."""
     trainable = {n: m.train() for n, m in models.items() if not n.endswith("-int8")}
     opts = {n: torch.optim.AdamW(m.parameters(), lr=1e-4) for n, m in trainable.items()}
-    x = torch.randint(args.vocab, (batch, args.context), generator=gen)
-    y = torch.randint(args.vocab, (batch, args.context), generator=gen)
+    x = torch.randint(args.vocab, (batch, args.context), generator=gen).to(device)
+    y = torch.randint(args.vocab, (batch, args.context), generator=gen).to(device)
 
     def step(name):
         _, loss = trainable[name](x, y)
@@ -336,14 +349,14 @@ def _train_rows(models: dict, batch: int, args, gen, log) -> list[dict]:
 
     log(f"train step {batch}x{args.context}: {', '.join(trainable)}")
     times = median_times({n: (lambda n=n: step(n)) for n in trainable}, args.repeats, warmup=2)
-    return _rows(times, "train", batch, batch * args.context)
+    return _rows(times, "train", batch, batch * args.context, device)
 
 
-def _rows(times: dict[str, float], phase: str, batch: int, tokens: int) -> list[dict]:
+def _rows(times: dict[str, float], phase: str, batch: int, tokens: int, device: torch.device) -> list[dict]:
     dense = times.get("dense")
     return [{"ffn": name, "phase": phase, "batch": batch, "tokens": tokens, "ms": 1e3 * t,
              "tokens_per_s": tokens / t, "speedup_vs_dense": None if dense is None else dense / t,
-             "threads": torch.get_num_threads()} for name, t in times.items()]
+             "threads": torch.get_num_threads(), "device": str(device)} for name, t in times.items()]
 
 
 def run_bench(args) -> int:
@@ -353,7 +366,9 @@ def run_bench(args) -> int:
         return 0
     shape = (f"{args.layers} layers, dim {args.dim}, {args.heads} heads, vocab {args.vocab}, feedforward "
              f"width {args.width or 4 * args.dim}")
-    print(f"# {shape}; threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}")
+    device = torch.device(args.device)             # checked by bench_rows
+    where = f"{torch.cuda.get_device_name(device)}, " if device.type == "cuda" else ""
+    print(f"# {shape}; {where}threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}")
     print(f"{'ffn':18} {'phase':9} {'batch':>5} {'tokens':>7} {'ms':>10} {'tokens/s':>10} {'vs dense':>9}")
     for r in rows:
         x = "-" if r["speedup_vs_dense"] is None else f"{r['speedup_vs_dense']:.2f}x"

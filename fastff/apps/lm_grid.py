@@ -96,10 +96,11 @@ class Grid:
 def decode_seconds(models: dict[str, GPT], prompt: torch.Tensor, new_tokens: int, repeats: int,
                    gen: torch.Generator) -> dict[str, float]:
     """Median seconds per decoding step (one token per sequence, KV cache) of each model, after an
-    untimed prefill of ``prompt`` (batch, tokens), every model interleaved (``median_times``)."""
+    untimed prefill of ``prompt`` (batch, tokens; on the models' device), every model interleaved
+    (``median_times``)."""
     batch = len(prompt)
     vocab = min(m.cfg.vocab_size for m in models.values())
-    caches, nxt = {}, torch.randint(vocab, (batch, 1), generator=gen)
+    caches, nxt = {}, torch.randint(vocab, (batch, 1), generator=gen).to(prompt.device)
 
     def prefill(name, model):
         caches[name] = model.new_cache(batch)

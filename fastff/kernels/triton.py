@@ -31,7 +31,8 @@ import triton.language as tl
 from ..functional import ACTIVATION_CODES, activation_code, fff_depth, get_activation, tree_levels
 from . import routing
 from .routing import needs_grad
-from .triton_gathered import BLOCK_ROWS, acc_dtype, bias_sums, gathered_combine, gathered_dots, row_sums
+from .triton_gathered import (BLOCK_ROWS, acc_dtype, acc_torch_dtype, bias_sums, gathered_combine, gathered_dots,
+                              row_sums)
 
 if list(ACTIVATION_CODES) != ["relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid", "identity"]:
     raise ImportError("fastff.kernels.triton: ACTIVATION_CODES changed; update _act")
@@ -191,10 +192,10 @@ def _walk_kernel(x, w, b, route_bias, flip, nodes, pre, B, I, K, M, T,
 
 
 def _walk(x, w, b, route_bias, flip, K: int, M: int, T: int):
-    """(pre (B, K, T) in x's dtype, nodes (B, K, T) long) of K trees' hard descents. w (K·M, I),
-    b (K·M,), route_bias (K·M,) or None, flip (B, K, T) bool or None."""
+    """(pre (B, K, T) in the accumulation dtype (float32 for half inputs), nodes (B, K, T) long) of
+    K trees' hard descents. w (K·M, I), b (K·M,), route_bias (K·M,) or None, flip (B, K, T) bool or None."""
     B, I = x.shape
-    pre = torch.empty(B, K, T, dtype=x.dtype, device=x.device)
+    pre = torch.empty(B, K, T, dtype=acc_torch_dtype(x), device=x.device)
     nodes = torch.empty(B, K, T, dtype=torch.long, device=x.device)
     if B and K and T:
         _walk_kernel[(triton.cdiv(B, BLOCK_ROWS), K)](
@@ -282,7 +283,8 @@ def fff_hard_rows(x, node_w, node_b, w1, b1, w2, b2, activation: str, gated: boo
 
 def fff_walk(x, node_w, node_b, flip):
     """Hard descent through FFF decision nodes (see ``functional.hard_path``), differentiable in
-    the logits. x (B, I), node_w (N, I), node_b (N,), flip (B, d) bool -> (nodes (B, d) long, logits (B, d))."""
+    the logits. x (B, I), node_w (N, I), node_b (N,), flip (B, d) bool -> (nodes (B, d) long, logits
+    (B, d), float32 for half inputs)."""
     _check(x, "identity", node_w, node_b, flip)
     pre, nodes = _Walk.apply(x, node_w, node_b, None, flip[:, None], 1, node_w.shape[0], flip.shape[1])
     return nodes[:, 0], pre[:, 0]
@@ -297,7 +299,7 @@ def fff_leaves(x, w1, b1, w2, b2, gate, leaf, mask, activation: str):
     ids = leaf[:, None] * H + torch.arange(H, device=x.device)                     # (B, H) hidden-unit rows
     pre = gathered_dots(x, w1.transpose(1, 2).reshape(L * H, I), ids) + b1.reshape(L * H)[ids]
     h = get_activation(activation)(pre) * mask
-    return gate[:, None] * (gathered_combine(h, w2.reshape(L * H, O), ids) + b2[leaf])
+    return (gate[:, None] * (gathered_combine(h, w2.reshape(L * H, O), ids) + b2[leaf])).to(x.dtype)
 
 
 def fff_hard_blocked(x, node_w, node_b, w1, b1, w2, b2, activation: str, gated: bool = False) -> torch.Tensor:
@@ -346,11 +348,12 @@ def neuron_tree_paths(x, w_in, b_in, w_out, b_out, activation: str, route_bias=N
     """NeuronTree forward with O(K·(D+1)·(in+out)) forward and backward per row (blocked path).
     x (B, I), w_in (K, M, I), b_in (K, M), w_out (K, M, O), b_out (O,) or None -> (y (B, O), nodes
     (B, K, D+1) long), and the visited pre-activations (B, K, D+1) if ``preactivations``; same
-    values and gradients as ``reference.neuron_tree_paths`` (``route_bias``, ``gate`` as there)."""
+    values and gradients as ``reference.neuron_tree_paths`` (``route_bias``, ``gate`` as there). Half
+    inputs: pre-activations, activations and gates in float32, y in the input's dtype."""
     _check(x, activation, w_in, b_in, w_out, b_out, route_bias)
     y, nodes, pre = routing.neuron_tree_visited(_walk_trees, gathered_combine, x, w_in, b_in, w_out, b_out,
                                                 activation, route_bias, gate)
-    return (y, nodes, pre) if preactivations else (y, nodes)
+    return (y.to(x.dtype), nodes, pre) if preactivations else (y.to(x.dtype), nodes)
 
 
 def neuron_tree_blocked(x, w_in, b_in, w_out, b_out, activation: str, route_bias=None, gate: bool = False):

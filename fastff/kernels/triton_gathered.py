@@ -30,7 +30,8 @@ def acc_dtype(t: torch.Tensor):
     return tl.float64 if t.dtype == torch.float64 else tl.float32
 
 
-def _acc_torch(t: torch.Tensor) -> torch.dtype:
+def acc_torch_dtype(t: torch.Tensor) -> torch.dtype:
+    """``acc_dtype`` as a torch dtype."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
@@ -102,7 +103,7 @@ def row_sums(c: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, rows: int, dty
     """(rows, F) in ``dtype``: row e = Σ c[r, s] · v[r] over the pairs with idx[r, s] = e.
     c (B, S), v (B, F), idx (B, S) long in [0, rows)."""
     F = v.shape[1]
-    gw = torch.zeros(rows, F, dtype=_acc_torch(v), device=v.device)
+    gw = torch.zeros(rows, F, dtype=acc_torch_dtype(v), device=v.device)
     flat = idx.reshape(-1)
     if flat.numel() and F:
         order = torch.argsort(flat, stable=True)
@@ -122,7 +123,7 @@ def row_sums(c: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, rows: int, dty
 
 def bias_sums(c: torch.Tensor, idx: torch.Tensor, rows: int, dtype: torch.dtype) -> torch.Tensor:
     """(rows,) in ``dtype``: entry e = Σ c[r, s] over the pairs with idx[r, s] = e (a bias gradient)."""
-    acc = torch.zeros(rows, dtype=_acc_torch(c), device=c.device)
+    acc = torch.zeros(rows, dtype=acc_torch_dtype(c), device=c.device)
     return acc.index_add_(0, idx.reshape(-1), c.reshape(-1).to(acc.dtype)).to(dtype)
 
 
