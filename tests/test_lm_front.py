@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from fastff.apps.lm_capacity import _at_step, _front_section, measure_front, pareto
+from fastff.apps.lm_capacity import CONTROL_STEPS, STEPS, _at_step, _control_lines, _front_section, measure_front, pareto
 from fastff.apps.lm_grid import Grid
 from fastff.data.text import split_text
 
@@ -79,3 +79,18 @@ def test_at_step_interpolates_the_history():
     history = [{"step": 0, "val_loss": 4.0}, {"step": 100, "val_loss": 2.0}, {"step": 200, "val_loss": 1.0}]
     assert _at_step(history, 50) == 3.0 and _at_step(history, 150) == 1.5
     assert _at_step(history, 1000) == 1.0 and _at_step(history, -5) == 4.0
+
+
+def test_control_lines_judge_the_longer_runs_against_the_main_rows_seed_noise():
+    main = [{"variant": v, "val_loss": loss, "seed": i} for v, losses in
+            (("moe-16x32", (1.70, 1.69, 1.71)), ("dense-48", (1.67, 1.65, 1.69))) for i, loss in enumerate(losses)]
+    control = [{"variant": "moe-16x32", "val_loss": 1.60}, {"variant": "dense-48", "val_loss": 1.62}]
+    lines = _control_lines(control, main)
+    assert f"- moe-16x32: 1.600 after {CONTROL_STEPS} steps, 1.700 after {STEPS} (3 seed(s)): -0.100." in lines
+    assert lines[-1].endswith("+0.020 nats for MoE (1 seed; seed std at 5000 steps 0.020: "
+                              "still NOT capacity-bound by this control).")
+    control[0]["val_loss"] = 1.55
+    assert _control_lines(control, main)[-1].endswith("(1 seed; seed std at 5000 steps 0.020: capacity-bound).")
+    control += [{"variant": "nt-2x9-gate-node-balance", "val_loss": 1.545}, {"variant": "dense-512", "val_loss": 1.5}]
+    assert _control_lines(control, main)[-1] == (f"- nt-2x9-gate-node-balance vs dense-512 after {CONTROL_STEPS} "
+                                                 "steps: 1.030x (the equal-tokens target is <= 1.03x; 1 seed).")

@@ -8,6 +8,8 @@ can use their width. Stages:
   validation only, seed 0;
 - ``main``: the main rows (``MAIN``), every corpus of ``--corpora`` x ``--seeds`` seeds;
 - ``ablation``: the tree remedies (``ABLATIONS``), Shakespeare, seed 0;
+- ``control``: the MoE control, its dense FFN of equal active neurons, the best tree and the full
+  dense FFN trained 3x longer (``CONTROL_STEPS``), the first corpus, seed 0: is the regime capacity-bound when longer?
 - ``steptime``: training-step time of every variant and ablation, interleaved in one process
   (the first corpus's steptime.json), for the equal-wall-clock comparison;
 - ``front``: validation loss and batch-1 decoding speed of every trained seed-0 model of the first
@@ -81,6 +83,13 @@ ABLATIONS = {
     "nt-4x7-gate-node-balance": ("neuron-tree-2x9", dict(ffn_width=1020, ffn_options=dict(trees=4, depth=7,
                                                                                           gate="path")),
                                  dict(balance=0.01)),
+    # the winning recipe at twice its group's tuned learning rate (tuned on the plain tree)
+    "nt-2x9-gate-node-balance-lr4e-3": ("neuron-tree-2x9", dict(ffn_options=dict(trees=2, depth=9, gate="path")),
+                                        dict(balance=0.01, lr=4e-3)),
+    # the winning recipe on 3 trees: 30 neurons per token, 3069 in all
+    "nt-3x9-gate-node-balance": ("neuron-tree-2x9", dict(ffn_width=3 * 1023, ffn_options=dict(trees=3, depth=9,
+                                                                                              gate="path")),
+                                 dict(balance=0.01)),
     # 2 trees of depth 8 (18 neurons) + an always-on dense slice of 12 = 30 per token
     "nt-2x8-slice-12": ("neuron-tree-2x9", dict(ffn_width=2 * 511 + 12,
                                                 ffn_options=dict(trees=2, depth=8, dense_slice=12)), {}),
@@ -89,7 +98,10 @@ ABLATIONS = {
     "fff-d4-l16-no-balance": ("fff-d4-l16", {}, dict(balance=0.0)),
     "fff-d4-l32": ("fff-d4-l16", dict(ffn_width=512, ffn_options=dict(leaf=32, train_mode="hard_path")), {}),
 }
-STAGES = ("tune", "main", "ablation", "steptime", "front", "report")
+# the longer control: the MoE control against its dense FFN of equal active neurons, the best tree
+# and the full dense FFN
+CONTROL, CONTROL_STEPS = ("moe-16x32", "dense-48", "nt-2x9-gate-node-balance", "dense-512"), 3 * STEPS
+STAGES = ("tune", "main", "ablation", "control", "steptime", "front", "report")
 # batch-1 decoding after a 64-token prompt (at most half the context), 64 tokens per timed call
 FRONT_PROMPT, FRONT_NEW_TOKENS, FRONT_REPEATS = 64, 64, 21
 # Run directories live in the repository (their weights and checkpoints are git-ignored there), so
@@ -155,6 +167,9 @@ def run(args) -> int:
     if "ablation" in stages:
         for name in filter(wanted, ABLATIONS):
             tune.train(f"ablation_{name}_s0", name, steps, 0, lr_of(name))
+    if "control" in stages:
+        for name in filter(wanted, CONTROL):
+            tune.train(f"control_{name}_s0", name, CONTROL_STEPS, 0, lr_of(name))
     if "steptime" in stages:
         tune.step_times([*MAIN, *ABLATIONS])
     if "front" in stages:
@@ -348,6 +363,32 @@ def _verdicts(rows: list[dict], corpus: str, step_seconds: dict | None) -> list[
     return out
 
 
+def _control_lines(control: list[dict], main: list[dict]) -> list[str]:
+    """The longer control against the main rows (first corpus): MoE vs dense-48 after
+    ``CONTROL_STEPS``, measured against the seed noise of the ``STEPS``-step main rows."""
+    out = []
+    longer = {r["variant"]: r["val_loss"] for r in control}
+    short = {v: _mean(main, v) for v in longer}
+    for v, loss in sorted(longer.items(), key=lambda kv: kv[1]):
+        if short[v]:
+            out.append(f"- {v}: {loss:.3f} after {CONTROL_STEPS} steps, {short[v][0]:.3f} after {STEPS} "
+                       f"({short[v][2]} seed(s)): {loss - short[v][0]:+.3f}.")
+    if "moe-16x32" in longer and "dense-48" in longer:
+        gap = longer["dense-48"] - longer["moe-16x32"]
+        noise = [m[1] for m in (short["moe-16x32"], short["dense-48"]) if m and m[2] > 1]
+        verdict = (f"seed std at {STEPS} steps {max(noise):.3f}: " +
+                   ("capacity-bound" if gap > max(noise) else "still NOT capacity-bound by this control")
+                   if noise else "no seed noise measured")
+        out.append(f"- Control after {CONTROL_STEPS} steps: MoE 16x32 top-1 {longer['moe-16x32']:.3f} vs dense-48 "
+                   f"{longer['dense-48']:.3f}: {gap:+.3f} nats for MoE (1 seed; {verdict}).")
+    trees = [v for v in longer if _is_tree(v)]
+    if trees and "dense-512" in longer:
+        best = min(trees, key=longer.get)
+        out.append(f"- {best} vs dense-512 after {CONTROL_STEPS} steps: {longer[best] / longer['dense-512']:.3f}x "
+                   f"(the equal-tokens target is <= 1.03x; 1 seed).")
+    return out
+
+
 def _status(met: bool, seeds: int) -> str:
     """A target's verdict, provisional while fewer than the 3 seeds it asks for are in."""
     return ("met" if met else "missed") + ("" if seeds >= 3 else f" so far, {seeds} of 3 seeds")
@@ -443,8 +484,8 @@ def _plot_pruning(rows: list[dict], path: Path) -> None:
     _save(fig, ax, path)
 
 
-def _plot_curves(rows: list[dict], path: Path) -> None:
-    """Validation loss vs training tokens of the main rows (seed 0), one line per variant."""
+def _plot_curves(rows: list[dict], path: Path, title: str = "Main rows, seed 0 (solid: trees)") -> None:
+    """Validation loss vs training tokens of ``rows`` (seed 0), one line per variant."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -456,8 +497,7 @@ def _plot_curves(rows: list[dict], path: Path) -> None:
         if r["seed"] == 0 and pts:
             ax.plot(*zip(*pts), label=f"{r['variant']} ({r['neurons_per_token']}/token)",
                     ls="-" if _is_tree(r["variant"]) else "--")
-    ax.set(xlabel="training tokens (millions)", ylabel="validation loss (nats / char)", ylim=(None, 2.2),
-           title="Main rows, seed 0 (solid: trees)")
+    ax.set(xlabel="training tokens (millions)", ylabel="validation loss (nats / char)", ylim=(None, 2.2), title=title)
     _save(fig, ax, path)
 
 
@@ -477,18 +517,24 @@ def write_report(root: Path, corpora: list[str], out: Path, command: str) -> Pat
     steptime = root / corpora[0] / "steptime.json"
     step_seconds = json.loads(steptime.read_text())["seconds"] if steptime.exists() else None
     for corpus in corpora:
-        main = [r for r in rows if r["corpus"] == corpus and r["variant"] in MAIN and r["stage"] != "tune"]
+        main = [r for r in rows if r["corpus"] == corpus and r["variant"] in MAIN and r["stage"] in ("main", "ablation")]
         if main:
             _plot_curves(main, out / f"lm_long_curves_{corpus}.png")
             text += [f"## Main rows: {corpus}\n", *_rows_table(main), "", *_verdicts(main, corpus, step_seconds), "",
                      f"![validation loss vs tokens](lm_long_curves_{corpus}.png)", ""]
+    main0 = [r for r in rows if r["corpus"] == corpora[0] and r["variant"] in MAIN and r["stage"] in ("main", "ablation")]
     ablations = [r for r in rows if r["stage"] == "ablation"]
     if ablations:
-        main0 = [r for r in rows if r["corpus"] == corpora[0] and r["variant"] in MAIN and r["stage"] != "tune"]
         text += [f"## Tree ablations ({corpora[0]}, seed 0)\n", *_rows_table(ablations), "",
                  "Against the dense FFN of equal neurons per token (seed 0):\n",
                  *_against_equal_dense(ablations + [r for r in main0 if r["seed"] == 0 and r["stage"] == "main"], main0),
                  ""]
+    control = [r for r in rows if r["stage"] == "control"]
+    if control:
+        _plot_curves(control, out / "lm_long_curves_control.png", f"Longer control, {CONTROL_STEPS} steps, seed 0")
+        text += [f"## Longer control ({corpora[0]}, seed 0, {CONTROL_STEPS} steps = "
+                 f"{CONTROL_STEPS * BATCH * SHAPE['context'] / 1e6:.1f}M tokens)\n", *_rows_table(control), "",
+                 *_control_lines(control, main0), "", "![validation loss vs tokens](lm_long_curves_control.png)", ""]
     tune = [r for r in rows if r["stage"] == "tune"]
     if tune:
         text += ["## Learning-rate search\n", "| run | val loss |", "|---|---:|",
