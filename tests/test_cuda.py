@@ -108,3 +108,24 @@ def test_lm_bench_runs_on_cuda(capsys):
     assert {r["phase"] for r in rows} == {"train"} and {r["ffn"] for r in rows} == {"dense", "neuron-tree", "fff"}
     with pytest.raises(ValueError, match="the int8 variants run on CPU only"):
         main([*tiny, "--ffns", "dense-int8,neuron-tree-int8"])
+
+
+@pytest.mark.parametrize("make", LAYERS.values(), ids=LAYERS)
+def test_auto_runs_cuda_eval_and_training_on_triton(make, monkeypatch):
+    """Backend "auto" (the default) sends CUDA tensors to the Triton kernels, in eval and in training."""
+    from fastff import kernels
+
+    calls = []
+    for op in ("fff_hard", "neuron_tree", "neuron_tree_paths", "fff_walk"):
+        original = getattr(BACKENDS["triton"], op)
+        monkeypatch.setattr(kernels.triton, op, lambda *a, _op=op, _f=original, **k: calls.append(_op) or _f(*a, **k),
+                            raising=False)
+    torch.manual_seed(0)
+    layer = make().to(DEVICE)
+    x = torch.randn(300, IN, device=DEVICE)
+    layer.train()(x).sum().backward()
+    trained = list(calls)
+    with torch.inference_mode():
+        layer.eval()(x)
+    assert trained and set(trained) <= {"neuron_tree_paths", "fff_walk"}
+    assert set(calls[len(trained):]) & {"fff_hard", "neuron_tree"}
