@@ -91,6 +91,10 @@ def test_control_lines_judge_the_longer_runs_against_the_main_rows_seed_noise():
                               "still NOT capacity-bound by this control).")
     control[0]["val_loss"] = 1.55
     assert _control_lines(control, main)[-1].endswith("(1 seed; seed std at 5000 steps 0.020: capacity-bound).")
-    control += [{"variant": "nt-2x9-gate-node-balance", "val_loss": 1.545}, {"variant": "dense-512", "val_loss": 1.5}]
-    assert _control_lines(control, main)[-1] == (f"- nt-2x9-gate-node-balance vs dense-512 after {CONTROL_STEPS} "
-                                                 "steps: 1.030x (the equal-tokens target is <= 1.03x; 1 seed).")
+    control += [{"variant": "nt-2x9-gate-node-balance", "val_loss": 1.545}, {"variant": "dense-512", "val_loss": 1.5},
+                {"variant": "dense-20", "val_loss": 1.6}]
+    assert _control_lines(control, main)[-2:] == [
+        f"- nt-2x9-gate-node-balance vs dense-20 after {CONTROL_STEPS} steps: +0.055 nats for the tree (the target is "
+        ">= +0.05; 1 seed).",
+        f"- nt-2x9-gate-node-balance vs dense-512 after {CONTROL_STEPS} steps: 1.030x (the equal-tokens target is "
+        "<= 1.03x; 1 seed)."]

@@ -8,8 +8,8 @@ can use their width. Stages:
   validation only, seed 0;
 - ``main``: the main rows (``MAIN``), every corpus of ``--corpora`` x ``--seeds`` seeds;
 - ``ablation``: the tree remedies (``ABLATIONS``), Shakespeare, seed 0;
-- ``control``: the MoE control, its dense FFN of equal active neurons, the best tree and the full
-  dense FFN trained 3x longer (``CONTROL_STEPS``), the first corpus, seed 0: is the regime capacity-bound when longer?
+- ``control``: the MoE control, its dense FFN of equal active neurons, the best tree, the full
+  dense FFN and the dense FFN of the tree's neurons per token trained 3x longer (``CONTROL_STEPS``), the first corpus, seed 0: is the regime capacity-bound when longer?
 - ``steptime``: training-step time of every variant and ablation, interleaved in one process
   (the first corpus's steptime.json), for the equal-wall-clock comparison;
 - ``front``: validation loss and batch-1 decoding speed of every trained seed-0 model of the first
@@ -99,8 +99,9 @@ ABLATIONS = {
     "fff-d4-l32": ("fff-d4-l16", dict(ffn_width=512, ffn_options=dict(leaf=32, train_mode="hard_path")), {}),
 }
 # the longer control: the MoE control against its dense FFN of equal active neurons, the best tree
-# and the full dense FFN
-CONTROL, CONTROL_STEPS = ("moe-16x32", "dense-48", "nt-2x9-gate-node-balance", "dense-512"), 3 * STEPS
+# against the full dense FFN and the dense FFN of its neurons per token
+CONTROL = ("moe-16x32", "dense-48", "nt-2x9-gate-node-balance", "dense-512", "dense-20")
+CONTROL_STEPS = 3 * STEPS
 STAGES = ("tune", "main", "ablation", "control", "steptime", "front", "report")
 # batch-1 decoding after a 64-token prompt (at most half the context), 64 tokens per timed call
 FRONT_PROMPT, FRONT_NEW_TOKENS, FRONT_REPEATS = 64, 64, 21
@@ -382,8 +383,11 @@ def _control_lines(control: list[dict], main: list[dict]) -> list[str]:
         out.append(f"- Control after {CONTROL_STEPS} steps: MoE 16x32 top-1 {longer['moe-16x32']:.3f} vs dense-48 "
                    f"{longer['dense-48']:.3f}: {gap:+.3f} nats for MoE (1 seed; {verdict}).")
     trees = [v for v in longer if _is_tree(v)]
-    if trees and "dense-512" in longer:
-        best = min(trees, key=longer.get)
+    best = min(trees, key=longer.get) if trees else None
+    if best and "dense-20" in longer:
+        out.append(f"- {best} vs dense-20 after {CONTROL_STEPS} steps: {longer['dense-20'] - longer[best]:+.3f} nats "
+                   f"for the tree (the target is >= +0.05; 1 seed).")
+    if best and "dense-512" in longer:
         out.append(f"- {best} vs dense-512 after {CONTROL_STEPS} steps: {longer[best] / longer['dense-512']:.3f}x "
                    f"(the equal-tokens target is <= 1.03x; 1 seed).")
     return out
