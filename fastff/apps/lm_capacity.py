@@ -364,9 +364,11 @@ def _verdicts(rows: list[dict], corpus: str, step_seconds: dict | None) -> list[
     return out
 
 
-def _control_lines(control: list[dict], main: list[dict]) -> list[str]:
+def _control_lines(control: list[dict], main: list[dict], step_seconds: dict | None = None) -> list[str]:
     """The longer control against the main rows (first corpus): MoE vs dense-48 after
-    ``CONTROL_STEPS``, measured against the seed noise of the ``STEPS``-step main rows."""
+    ``CONTROL_STEPS``, measured against the seed noise of the ``STEPS``-step main rows; the best
+    tree against dense-20 and dense-512 (at equal tokens, and with ``step_seconds`` at equal
+    training time)."""
     out = []
     longer = {r["variant"]: r["val_loss"] for r in control}
     short = {v: _mean(main, v) for v in longer}
@@ -390,6 +392,13 @@ def _control_lines(control: list[dict], main: list[dict]) -> list[str]:
     if best and "dense-512" in longer:
         out.append(f"- {best} vs dense-512 after {CONTROL_STEPS} steps: {longer[best] / longer['dense-512']:.3f}x "
                    f"(the equal-tokens target is <= 1.03x; 1 seed).")
+        if step_seconds and best in step_seconds and "dense-512" in step_seconds:
+            dense_steps = CONTROL_STEPS * step_seconds[best] / step_seconds["dense-512"]
+            history = next(r["history"] for r in control if r["variant"] == "dense-512")
+            dense_loss = _at_step(history, dense_steps)
+            out.append(f"- ... at equal training time: dense-512 trains {dense_steps:.0f} steps in the tree's "
+                       f"{CONTROL_STEPS}, its validation loss there (within its own {CONTROL_STEPS}-step schedule) "
+                       f"{dense_loss:.3f}: {longer[best] / dense_loss:.3f}x (target <= 1.03x; 1 seed).")
     return out
 
 
@@ -538,7 +547,8 @@ def write_report(root: Path, corpora: list[str], out: Path, command: str) -> Pat
         _plot_curves(control, out / "lm_long_curves_control.png", f"Longer control, {CONTROL_STEPS} steps, seed 0")
         text += [f"## Longer control ({corpora[0]}, seed 0, {CONTROL_STEPS} steps = "
                  f"{CONTROL_STEPS * BATCH * SHAPE['context'] / 1e6:.1f}M tokens)\n", *_rows_table(control), "",
-                 *_control_lines(control, main0), "", "![validation loss vs tokens](lm_long_curves_control.png)", ""]
+                 *_control_lines(control, main0, step_seconds), "",
+                 "![validation loss vs tokens](lm_long_curves_control.png)", ""]
     tune = [r for r in rows if r["stage"] == "tune"]
     if tune:
         text += ["## Learning-rate search\n", "| run | val loss |", "|---|---:|",
