@@ -90,6 +90,12 @@ ABLATIONS = {
     "nt-3x9-gate-node-balance": ("neuron-tree-2x9", dict(ffn_width=3 * 1023, ffn_options=dict(trees=3, depth=9,
                                                                                               gate="path")),
                                  dict(balance=0.01)),
+    "nt-3x9-gate-node-balance-lr4e-3": ("neuron-tree-2x9", dict(ffn_width=3 * 1023, ffn_options=dict(
+        trees=3, depth=9, gate="path")), dict(balance=0.01, lr=4e-3)),
+    # the winning recipe on 2 deeper trees: 22 neurons per token, 4094 in all
+    "nt-2x10-gate-node-balance": ("neuron-tree-2x9", dict(ffn_width=2 * 2047, ffn_options=dict(trees=2, depth=10,
+                                                                                               gate="path")),
+                                  dict(balance=0.01)),
     # 2 trees of depth 8 (18 neurons) + an always-on dense slice of 12 = 30 per token
     "nt-2x8-slice-12": ("neuron-tree-2x9", dict(ffn_width=2 * 511 + 12,
                                                 ffn_options=dict(trees=2, depth=8, dense_slice=12)), {}),
