@@ -30,35 +30,30 @@ class GatheredOps:
     check: Callable
 
     def __post_init__(self):
-        ops = self
+        # dots and combine are each other's input gradient; their weight gradients are row sums of
+        # (the output gradient, the rows' inputs) for dots and of (the coefficients, the output gradient)
+        # for combine
+        functions = (self._function(self.dots, self.combine, lambda a, g: (g, a)),
+                     self._function(self.combine, self.dots, lambda a, g: (a, g)))
+        object.__setattr__(self, "_functions", functions)
 
-        class Dots(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, v, w, idx):
-                ctx.save_for_backward(v, w, idx)
-                return ops.dots(v, w, idx)
+    def _function(self, forward_op, input_grad_op, row_sums_args):
+        """The autograd Function of ``forward_op(a, w, idx)``, differentiable in a and w."""
+        row_sums = self.row_sums
 
+        class Gathered(torch.autograd.Function):
             @staticmethod
-            def backward(ctx, g):
-                v, w, idx = ctx.saved_tensors
-                gv = ops.combine(g, w, idx).to(v.dtype) if ctx.needs_input_grad[0] else None
-                gw = ops.row_sums(g, v, idx, w.shape[0], w.dtype) if ctx.needs_input_grad[1] else None
-                return gv, gw, None
-
-        class Combine(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, c, w, idx):
-                ctx.save_for_backward(c, w, idx)
-                return ops.combine(c, w, idx)
+            def forward(ctx, a, w, idx):
+                ctx.save_for_backward(a, w, idx)
+                return forward_op(a, w, idx)
 
             @staticmethod
             def backward(ctx, g):
-                c, w, idx = ctx.saved_tensors
-                gc = ops.dots(g, w, idx).to(c.dtype) if ctx.needs_input_grad[0] else None
-                gw = ops.row_sums(c, g, idx, w.shape[0], w.dtype) if ctx.needs_input_grad[1] else None
-                return gc, gw, None
-
-        object.__setattr__(self, "_functions", (Dots, Combine))
+                a, w, idx = ctx.saved_tensors
+                ga = input_grad_op(g, w, idx).to(a.dtype) if ctx.needs_input_grad[0] else None
+                gw = row_sums(*row_sums_args(a, g), idx, w.shape[0], w.dtype) if ctx.needs_input_grad[1] else None
+                return ga, gw, None
+        return Gathered
 
     def _check(self, v: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, name: str) -> None:
         if v.dim() != 2 or w.dim() != 2 or idx.dim() != 2 or idx.dtype != torch.long:
