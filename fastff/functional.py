@@ -224,6 +224,12 @@ def neuron_tree_walk(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, de
     return torch.stack(nodes, dim=-1), torch.stack(acts, dim=-1)
 
 
+def tree_table_rows(nodes: torch.Tensor, neurons_per_tree: int) -> torch.Tensor:
+    """Rows of the trees' flattened (K·M, F) weight tables: nodes (B, K, T) long, node numbers per
+    tree -> (B, K, T) long, ``k·M + node``."""
+    return nodes + torch.arange(nodes.shape[1], device=nodes.device)[:, None] * neurons_per_tree
+
+
 def tree_routing_logits(pre: torch.Tensor, nodes: torch.Tensor, route_bias: torch.Tensor | None) -> torch.Tensor:
     """The decision logits of a neuron-tree walk: pre (B, K, T) + route_bias (K, M) at the visited
     nodes (B, K, T) long; ``pre`` itself without a routing offset."""

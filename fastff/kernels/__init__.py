@@ -107,7 +107,7 @@ def cpu_applies(*tensors) -> bool:
 def triton_applies(*tensors) -> bool:
     """Whether ``"auto"`` runs these tensors (None skipped) on the ``"triton"`` kernels: CUDA
     tensors, Triton installed, not traced by ``torch.compile`` / ``torch.export``."""
-    return (_HAS_TRITON and all(t is None or t.is_cuda for t in tensors) and not torch.compiler.is_compiling())
+    return _HAS_TRITON and all(t is None or t.is_cuda for t in tensors) and not torch.compiler.is_compiling()
 
 
 def _routed_on_cpu(*tensors) -> bool:
@@ -116,16 +116,11 @@ def _routed_on_cpu(*tensors) -> bool:
     return cpu.applies(*tensors) and not torch.compiler.is_compiling()
 
 
-def _pick(tensors):
-    """The backend ``"auto"`` runs these tensors on."""
-    if cpu_applies(*tensors):
-        return cpu
-    return triton if triton_applies(*tensors) else vectorized
-
-
-def _pick_routed(tensors):
-    """The backend ``"auto"`` runs a NeuronTree with ``route_bias`` / ``gate`` on."""
-    if _routed_on_cpu(*tensors):
+def _pick(tensors, on_cpu=cpu_applies):
+    """The backend ``"auto"`` runs these tensors on: ``"cpu"`` where ``on_cpu`` says so (for a
+    NeuronTree with ``route_bias`` / ``gate``: ``_routed_on_cpu``), else ``"triton"`` where it
+    applies, else ``"torch"``."""
+    if on_cpu(*tensors):
         return cpu
     return triton if triton_applies(*tensors) else vectorized
 
@@ -142,7 +137,8 @@ class _Auto:
     def neuron_tree(x, w_in, b_in, w_out, b_out, activation: str, route_bias=None, gate: bool = False) -> torch.Tensor:
         weights = (w_in, b_in, w_out, b_out)
         if route_bias is not None or gate:
-            return _pick_routed((x, *weights, route_bias)).neuron_tree(x, *weights, activation, route_bias, gate)
+            backend = _pick((x, *weights, route_bias), _routed_on_cpu)
+            return backend.neuron_tree(x, *weights, activation, route_bias, gate)
         return _pick((x, *weights)).neuron_tree(x, *weights, activation)
 
     @staticmethod
@@ -150,8 +146,8 @@ class _Auto:
                           preactivations: bool = False):
         weights = (w_in, b_in, w_out, b_out)
         if route_bias is not None or gate:
-            return _pick_routed((x, *weights, route_bias)).neuron_tree_paths(x, *weights, activation, route_bias,
-                                                                            gate, preactivations)
+            backend = _pick((x, *weights, route_bias), _routed_on_cpu)
+            return backend.neuron_tree_paths(x, *weights, activation, route_bias, gate, preactivations)
         return _pick((x, *weights)).neuron_tree_paths(x, *weights, activation, preactivations=preactivations)
 
     @staticmethod

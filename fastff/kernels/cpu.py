@@ -28,7 +28,7 @@ import numba
 import numpy as np
 import torch
 
-from ..functional import activation_code, fff_depth, tree_levels
+from ..functional import activation_code, fff_depth, tree_levels, tree_table_rows
 from ..threads import follow_torch_threads, single_threaded_blas, with_torch_threads
 from . import gathered, routing
 from .numba import common, infer, train
@@ -536,7 +536,7 @@ def _visited_preacts(x, w_in, b_in, route_bias):
         xa = _np(x)
         _, nodes, _, _ = route(xa, _np(w_in), _np(bias), None, levels, I * xa.itemsize)
     nodes = torch.from_numpy(nodes)
-    ids = (nodes + torch.arange(K)[:, None] * M).view(B, K * levels)
+    ids = tree_table_rows(nodes, M).view(B, K * levels)
     a = gathered.gathered_dots(x, w_in.reshape(K * M, I), ids) + b_in.reshape(K * M)[ids]
     return a.view(B, K, levels), nodes
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..functional import (child_index, fff_depth, get_activation, go_right, neuron_tree_path_gate, taken_prob,
-                          tree_routing_logits)
+                          tree_routing_logits, tree_table_rows)
 
 
 def needs_grad(*tensors) -> bool:
@@ -69,6 +69,6 @@ def neuron_tree_visited(walk, combine, x, w_in, b_in, w_out, b_out, activation: 
     if gate:
         h = h * neuron_tree_path_gate(tree_routing_logits(pre, nodes, route_bias))
     T = pre.shape[2]
-    ids = (nodes + torch.arange(K, device=x.device)[:, None] * M).reshape(B, K * T)
+    ids = tree_table_rows(nodes, M).reshape(B, K * T)
     y = combine(h.reshape(B, K * T), w_out.reshape(K * M, O), ids)
     return (y if b_out is None else y + b_out), nodes, pre

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..functional import ACTIVATION_CODES, activation_code, fff_depth, get_activation, tree_levels
+from ..functional import ACTIVATION_CODES, activation_code, fff_depth, get_activation, tree_levels, tree_table_rows
 from . import routing
 from .routing import needs_grad
 from .triton_gathered import (BLOCK_ROWS, acc_dtype, acc_torch_dtype, bias_sums, gathered_combine, gathered_dots,
@@ -214,15 +214,15 @@ class _Walk(torch.autograd.Function):
     def forward(ctx, x, w, b, route_bias, flip, K, M, T):
         pre, nodes = _walk(x, w, b, route_bias, flip, K, M, T)
         ctx.save_for_backward(x, w, nodes)
-        ctx.trees, ctx.b_dtype = (K, M), b.dtype
+        ctx.neurons_per_tree, ctx.b_dtype = M, b.dtype
         ctx.mark_non_differentiable(nodes)
         return pre, nodes
 
     @staticmethod
     def backward(ctx, g, _):
         x, w, nodes = ctx.saved_tensors
-        (K, M), (B, _, T) = ctx.trees, nodes.shape
-        ids = (nodes + torch.arange(K, device=x.device)[:, None] * M).reshape(B, K * T)
+        B, K, T = nodes.shape
+        ids = tree_table_rows(nodes, ctx.neurons_per_tree).reshape(B, K * T)
         g = g.reshape(B, K * T)
         gx = gathered_combine(g, w, ids).to(x.dtype) if ctx.needs_input_grad[0] else None
         gw = row_sums(g, x, ids, w.shape[0], w.dtype) if ctx.needs_input_grad[1] else None
@@ -234,9 +234,10 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _check(x: torch.Tensor, activation: str, *tensors: torch.Tensor) -> None:
-    """Activation name and devices (CUDA, or any under the interpreter; one for all tensors)."""
-    activation_code(activation)
+def _check(x: torch.Tensor, activation: str | None, *tensors: torch.Tensor) -> None:
+    """Activation name (unless None) and devices (CUDA, or any under the interpreter; one for all tensors)."""
+    if activation is not None:
+        activation_code(activation)
     if not (x.is_cuda or _interpreting()):
         raise ValueError(f"the triton backend needs CUDA tensors (got device {x.device}); on CPU, set "
                          f"TRITON_INTERPRET=1 before importing fastff to run it in Triton's interpreter")
@@ -285,7 +286,7 @@ def fff_walk(x, node_w, node_b, flip):
     """Hard descent through FFF decision nodes (see ``functional.hard_path``), differentiable in
     the logits. x (B, I), node_w (N, I), node_b (N,), flip (B, d) bool -> (nodes (B, d) long, logits
     (B, d), float32 for half inputs)."""
-    _check(x, "identity", node_w, node_b, flip)
+    _check(x, None, node_w, node_b, flip)
     pre, nodes = _Walk.apply(x, node_w, node_b, None, flip[:, None], 1, node_w.shape[0], flip.shape[1])
     return nodes[:, 0], pre[:, 0]
 
@@ -304,8 +305,8 @@ def fff_leaves(x, w1, b1, w2, b2, gate, leaf, mask, activation: str):
 
 def fff_hard_blocked(x, node_w, node_b, w1, b1, w2, b2, activation: str, gated: bool = False) -> torch.Tensor:
     """Hard FFF forward on the blocked path (``routing.fff_hard_path`` on ``fff_walk`` /
-    ``fff_leaves``), differentiable (node gradients through the gate when ``gated``). x (B, I) -> (B, O)."""
-    _check(x, activation, node_w, node_b, w1, b1, w2, b2)
+    ``fff_leaves``, which check their inputs), differentiable (node gradients through the gate when
+    ``gated``). x (B, I) -> (B, O)."""
     return routing.fff_hard_path(fff_walk, fff_leaves, x, node_w, node_b, w1, b1, w2, b2, activation,
                                  hardened=not gated)[0]
 

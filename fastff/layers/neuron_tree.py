@@ -8,7 +8,7 @@ from torch import nn
 
 from .._checks import check_bool, check_choice, check_fraction, check_int, check_parameter_bytes
 from .. import kernels
-from ..functional import ACTIVATIONS, tree_routing_logits, tree_size
+from ..functional import ACTIVATIONS, tree_routing_logits, tree_size, tree_table_rows
 from ._base import EagerKernel, RoutedLayer
 from .dense import DenseFF
 
@@ -149,7 +149,7 @@ class NeuronTree(EagerKernel, RoutedLayer):
         y, nodes, pre = kernels.resolve(self.backend).neuron_tree_paths(
             x, self.w_in, self.b_in, self.w_out, self.b_out, self.activation, preactivations=True, **options)
         if self.usage == "hard":
-            rows = (nodes + torch.arange(self.trees, device=x.device)[:, None] * self.neurons_per_tree).flatten()
+            rows = tree_table_rows(nodes, self.neurons_per_tree).flatten()
             self.neuron_usage.view(-1).index_add_(0, rows, torch.ones_like(rows, dtype=self.neuron_usage.dtype))
         self._record(nodes, pre, options.get("route_bias"))
         return y
@@ -159,7 +159,7 @@ class NeuronTree(EagerKernel, RoutedLayer):
         class docstring). nodes, pre (B, K, D+1): the visited nodes and their pre-activations."""
         (B, K, _), D, M = nodes.shape, self.depth, self.neurons_per_tree
         decided = nodes[..., :D]                                         # the levels whose decision routes
-        index = (decided + torch.arange(K, device=nodes.device)[:, None] * M).flatten()
+        index = tree_table_rows(decided, M).flatten()
         logits = tree_routing_logits(pre[..., :D], decided, route_bias)
         reached = pre.new_zeros(K * M).index_add_(0, index, torch.ones_like(index, dtype=pre.dtype))
         mean = pre.new_zeros(K * M).index_add(0, index, torch.sigmoid(logits).flatten()) / reached.clamp_min(1)
