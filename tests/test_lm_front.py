@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from fastff.apps.lm_capacity import CONTROL_STEPS, STEPS, _at_step, _control_lines, _front_section, measure_front, pareto
+from fastff.apps.lm_capacity import (CONTROL_STEPS, STEPS, _at_step, _control_lines, _equal_dense, _front_section,
+                                     measure_front, pareto)
 from fastff.apps.lm_grid import Grid
 from fastff.data.text import split_text
 
@@ -84,23 +85,62 @@ def test_at_step_interpolates_the_history():
 def test_control_lines_judge_the_longer_runs_against_the_main_rows_seed_noise():
     main = [{"variant": v, "val_loss": loss, "seed": i} for v, losses in
             (("moe-16x32", (1.70, 1.69, 1.71)), ("dense-48", (1.67, 1.65, 1.69))) for i, loss in enumerate(losses)]
-    control = [{"variant": "moe-16x32", "val_loss": 1.60}, {"variant": "dense-48", "val_loss": 1.62}]
+    control = [{"variant": "moe-16x32", "val_loss": 1.60, "neurons_per_token": 48},
+               {"variant": "dense-48", "val_loss": 1.62, "neurons_per_token": 48}]
     lines = _control_lines(control, main)
-    assert f"- moe-16x32: 1.600 after {CONTROL_STEPS} steps, 1.700 after {STEPS} (3 seed(s)): -0.100." in lines
-    assert lines[-1].endswith("+0.020 nats for MoE (1 seed; seed std at 5000 steps 0.020: "
+    assert f"- moe-16x32: 1.600 after {CONTROL_STEPS} steps (1 seed(s)), 1.700 after {STEPS} (3 seed(s)): -0.100." in lines
+    assert lines[-1].endswith("+0.020 nats for MoE (1 seed(s); seed std at 5000 steps 0.020: "
                               "still NOT capacity-bound by this control).")
     control[0]["val_loss"] = 1.55
-    assert _control_lines(control, main)[-1].endswith("(1 seed; seed std at 5000 steps 0.020: capacity-bound).")
-    control += [{"variant": "nt-2x9-gate-node-balance", "val_loss": 1.545},
-                {"variant": "dense-512", "val_loss": 1.5, "history": [{"step": 0, "val_loss": 4.0},
-                                                                     {"step": CONTROL_STEPS, "val_loss": 1.5}]},
-                {"variant": "dense-20", "val_loss": 1.6}]
+    assert _control_lines(control, main)[-1].endswith("(1 seed(s); seed std at 5000 steps 0.020: capacity-bound).")
+    control += [{"variant": "nt-2x9-gate-node-balance", "val_loss": 1.545, "neurons_per_token": 20},
+                {"variant": "dense-512", "val_loss": 1.5, "neurons_per_token": 512,
+                 "history": [{"step": 0, "val_loss": 4.0}, {"step": CONTROL_STEPS, "val_loss": 1.5}]},
+                {"variant": "dense-20", "val_loss": 1.6, "neurons_per_token": 20}]
     assert _control_lines(control, main)[-2:] == [
         f"- nt-2x9-gate-node-balance vs dense-20 after {CONTROL_STEPS} steps: +0.055 nats for the tree (the target is "
-        ">= +0.05; 1 seed).",
+        ">= +0.05; 1 seed(s)).",
         f"- nt-2x9-gate-node-balance vs dense-512 after {CONTROL_STEPS} steps: 1.030x (the equal-tokens target is "
-        "<= 1.03x; 1 seed)."]
+        "<= 1.03x; 1 seed(s))."]
     # the tree steps twice as fast: dense-512 trains half the steps in its time, at 2.75 on that history
     assert _control_lines(control, main, {"nt-2x9-gate-node-balance": 0.1, "dense-512": 0.2})[-1] == (
         f"- ... at equal training time: dense-512 trains {CONTROL_STEPS // 2} steps in the tree's {CONTROL_STEPS}, its "
-        f"validation loss there (within its own {CONTROL_STEPS}-step schedule) 2.750: 0.562x (target <= 1.03x; 1 seed).")
+        f"validation loss there (within its own {CONTROL_STEPS}-step schedule) 2.750: 0.562x (target <= 1.03x; "
+        "1 seed(s)).")
+
+
+def test_control_lines_use_the_controls_own_seed_noise_and_means():
+    main = [{"variant": v, "val_loss": 1.7, "seed": i} for v in ("moe-16x32", "dense-48") for i in range(3)]
+    control = [{"variant": v, "val_loss": loss, "neurons_per_token": 48, "seed": i}
+               for v, losses in (("moe-16x32", (1.53, 1.55)), ("dense-48", (1.60, 1.64))) for i, loss in enumerate(losses)]
+    lines = _control_lines(control, main)
+    assert f"- moe-16x32: 1.540 ± 0.014 after {CONTROL_STEPS} steps (2 seed(s)), 1.700 after {STEPS} (3 seed(s)): " \
+           "-0.160." in lines
+    assert lines[-1] == (f"- Control after {CONTROL_STEPS} steps: MoE 16x32 top-1 1.540 vs dense-48 1.620: +0.080 nats "
+                         f"for MoE (2 seed(s); seed std at {CONTROL_STEPS} steps 0.028: capacity-bound).")
+
+
+def test_a_tree_is_measured_against_the_narrowest_dense_ffn_with_at_least_its_neurons():
+    rows = [{"variant": "nt-3x9-gate-node-balance", "neurons_per_token": 30}, {"variant": "dense-20", "neurons_per_token": 20},
+            {"variant": "dense-32", "neurons_per_token": 32}, {"variant": "dense-48", "neurons_per_token": 48},
+            {"variant": "dense-512", "neurons_per_token": 512}]
+    assert _equal_dense(rows, "nt-3x9-gate-node-balance") == "dense-32"
+    assert _equal_dense(rows, "dense-20") == "dense-20"
+    assert _equal_dense(rows[:2], "nt-3x9-gate-node-balance") is None
+
+
+def test_verdicts_hold_the_best_tree_against_the_dense_ffn_of_at_least_its_neurons():
+    from fastff.apps.lm_capacity import _verdicts
+
+    def rows(variant, n, losses):
+        return [{"variant": variant, "neurons_per_token": n, "val_loss": loss, "seed": i, "capacity": None,
+                 "history": []} for i, loss in enumerate(losses)]
+
+    main = (rows("nt-3x9-gate-node-balance", 30, (1.60, 1.58, 1.59)) + rows("dense-32", 32, (1.70, 1.66, 1.68))
+            + rows("dense-512", 512, (1.55, 1.56, 1.57)))
+    lines = _verdicts(main, "shakespeare", None)
+    assert lines[0] == ("- Best tree (shakespeare) at <= 1/16 of the dense neurons: nt-3x9-gate-node-balance (30 "
+                        "neurons/token, 3 seed(s)) 1.590 vs dense-32 1.680 (3 seed(s)): +0.090 nats (target >= +0.05 "
+                        "over 3 seeds: met).")
+    assert lines[1] == ("- nt-3x9-gate-node-balance vs dense-512 at equal tokens (shakespeare): 1.019x (target <= 1.03x: "
+                        "met).")

@@ -8,8 +8,10 @@ can use their width. Stages:
   validation only, seed 0;
 - ``main``: the main rows (``MAIN``), every corpus of ``--corpora`` x ``--seeds`` seeds;
 - ``ablation``: the tree remedies (``ABLATIONS``), Shakespeare, seed 0;
-- ``control``: the MoE control, its dense FFN of equal active neurons, the best tree, the full
-  dense FFN and the dense FFN of the tree's neurons per token trained 3x longer (``CONTROL_STEPS``), the first corpus, seed 0: is the regime capacity-bound when longer?
+- ``control``: the MoE control, its dense FFN of equal active neurons, the best trees, the full
+  dense FFN and the dense FFNs of the trees' neurons per token trained 3x longer (``CONTROL_STEPS``),
+  the first corpus, ``--seeds`` seeds (pick rows with ``--only``): is the regime capacity-bound when
+  longer?
 - ``steptime``: training-step time of every variant and ablation, interleaved in one process
   (the first corpus's steptime.json), for the equal-wall-clock comparison;
 - ``front``: validation loss and batch-1 decoding speed of every trained seed-0 model of the first
@@ -62,9 +64,10 @@ VARIANTS = {
     "fff-d4-l16": ("fff", dict(ffn="fff", ffn_width=256, ffn_options=dict(leaf=16, train_mode="hard_path")),
                    dict(balance=0.01)),
 }
-# nt-2x9-gate-node-balance: the best tree of the ablations (seed 0), promoted to the main rows
+# nt-2x9-gate-node-balance and nt-3x9-gate-node-balance: the best trees of the ablations (seed 0) at
+# 20 and 30 neurons per token, promoted to the main rows (dense-32 stands for their dense rival at 30)
 MAIN = ("dense-512", "dense-20", "dense-32", "dense-48", "moe-16x32", "fff-d4-l16", "neuron-tree-2x9",
-        "nt-2x9-gate-node-balance", "pk-1x8-n16")
+        "nt-2x9-gate-node-balance", "nt-3x9-gate-node-balance", "pk-1x8-n16")
 # tree remedies and shapes, each a variation of a MAIN tree: name -> (base variant, fields, overrides)
 ABLATIONS = {
     "neuron-tree-1x9": ("neuron-tree-1x9", {}, {}),
@@ -106,7 +109,8 @@ ABLATIONS = {
 }
 # the longer control: the MoE control against its dense FFN of equal active neurons, the best tree
 # against the full dense FFN and the dense FFN of its neurons per token
-CONTROL = ("moe-16x32", "dense-48", "nt-2x9-gate-node-balance", "dense-512", "dense-20")
+CONTROL = ("moe-16x32", "dense-48", "nt-2x9-gate-node-balance", "nt-3x9-gate-node-balance", "dense-512", "dense-20",
+           "dense-32")
 CONTROL_STEPS = 3 * STEPS
 STAGES = ("tune", "main", "ablation", "control", "steptime", "front", "report")
 # batch-1 decoding after a 64-token prompt (at most half the context), 64 tokens per timed call
@@ -175,8 +179,9 @@ def run(args) -> int:
         for name in filter(wanted, ABLATIONS):
             tune.train(f"ablation_{name}_s0", name, steps, 0, lr_of(name))
     if "control" in stages:
-        for name in filter(wanted, CONTROL):
-            tune.train(f"control_{name}_s0", name, CONTROL_STEPS, 0, lr_of(name))
+        for seed in range(args.seeds):
+            for name in filter(wanted, CONTROL):
+                tune.train(f"control_{name}_s{seed}", name, CONTROL_STEPS, seed, lr_of(name))
     if "steptime" in stages:
         tune.step_times([*MAIN, *ABLATIONS])
     if "front" in stages:
@@ -340,11 +345,12 @@ def _verdicts(rows: list[dict], corpus: str, step_seconds: dict | None) -> list[
     best = min({r["variant"] for r in trees}, key=lambda v: _mean(rows, v)[0])
     tree = _mean(rows, best)
     n = next(r["neurons_per_token"] for r in trees if r["variant"] == best)
-    equal = _mean(rows, f"dense-{n}")
-    if equal:
+    rival = _equal_dense(rows, best)
+    if rival and rival != "dense-512":
+        equal = _mean(rows, rival)
         gap = equal[0] - tree[0]
         out.append(f"- Best tree ({corpus}) at <= 1/16 of the dense neurons: {best} ({n} neurons/token, {tree[2]} "
-                   f"seed(s)) {tree[0]:.3f} vs dense-{n} {equal[0]:.3f} ({equal[2]} seed(s)): {gap:+.3f} nats "
+                   f"seed(s)) {tree[0]:.3f} vs {rival} {equal[0]:.3f} ({equal[2]} seed(s)): {gap:+.3f} nats "
                    f"(target >= +0.05 over 3 seeds: {_status(gap >= 0.05, min(tree[2], equal[2]))}).")
     if full:
         ratio = tree[0] / full[0]
@@ -372,40 +378,62 @@ def _verdicts(rows: list[dict], corpus: str, step_seconds: dict | None) -> list[
 
 def _control_lines(control: list[dict], main: list[dict], step_seconds: dict | None = None) -> list[str]:
     """The longer control against the main rows (first corpus): MoE vs dense-48 after
-    ``CONTROL_STEPS``, measured against the seed noise of the ``STEPS``-step main rows; the best
-    tree against dense-20 and dense-512 (at equal tokens, and with ``step_seconds`` at equal
-    training time)."""
+    ``CONTROL_STEPS`` (means over the control's seeds), measured against the control's own seed
+    noise where it has >= 2 seeds of both, else the ``STEPS``-step main rows'; the best tree
+    against the dense FFN of its neurons per token and dense-512 (at equal tokens, and with
+    ``step_seconds`` at equal training time)."""
     out = []
-    longer = {r["variant"]: r["val_loss"] for r in control}
+    longer = {v: _mean(control, v) for v in {r["variant"] for r in control}}
     short = {v: _mean(main, v) for v in longer}
-    for v, loss in sorted(longer.items(), key=lambda kv: kv[1]):
+    for v, (loss, _, n) in sorted(longer.items(), key=lambda kv: kv[1][0]):
         if short[v]:
-            out.append(f"- {v}: {loss:.3f} after {CONTROL_STEPS} steps, {short[v][0]:.3f} after {STEPS} "
-                       f"({short[v][2]} seed(s)): {loss - short[v][0]:+.3f}.")
+            out.append(f"- {v}: {mean_std([r['val_loss'] for r in control if r['variant'] == v])} after "
+                       f"{CONTROL_STEPS} steps ({n} seed(s)), {short[v][0]:.3f} after {STEPS} ({short[v][2]} seed(s)): "
+                       f"{loss - short[v][0]:+.3f}.")
     if "moe-16x32" in longer and "dense-48" in longer:
-        gap = longer["dense-48"] - longer["moe-16x32"]
-        noise = [m[1] for m in (short["moe-16x32"], short["dense-48"]) if m and m[2] > 1]
-        verdict = (f"seed std at {STEPS} steps {max(noise):.3f}: " +
-                   ("capacity-bound" if gap > max(noise) else "still NOT capacity-bound by this control")
-                   if noise else "no seed noise measured")
-        out.append(f"- Control after {CONTROL_STEPS} steps: MoE 16x32 top-1 {longer['moe-16x32']:.3f} vs dense-48 "
-                   f"{longer['dense-48']:.3f}: {gap:+.3f} nats for MoE (1 seed; {verdict}).")
+        moe, dense48 = longer["moe-16x32"], longer["dense-48"]
+        gap, seeds = dense48[0] - moe[0], min(moe[2], dense48[2])
+        if seeds > 1:
+            verdict = f"seed std at {CONTROL_STEPS} steps {max(moe[1], dense48[1]):.3f}: "
+            noise = max(moe[1], dense48[1])
+        else:
+            noise = max((m[1] for m in (short["moe-16x32"], short["dense-48"]) if m and m[2] > 1), default=None)
+            verdict = f"seed std at {STEPS} steps {noise:.3f}: " if noise is not None else ""
+        verdict = (verdict + ("capacity-bound" if gap > noise else "still NOT capacity-bound by this control")
+                   if noise is not None else "no seed noise measured")
+        out.append(f"- Control after {CONTROL_STEPS} steps: MoE 16x32 top-1 {moe[0]:.3f} vs dense-48 {dense48[0]:.3f}: "
+                   f"{gap:+.3f} nats for MoE ({seeds} seed(s); {verdict}).")
     trees = [v for v in longer if _is_tree(v)]
-    best = min(trees, key=longer.get) if trees else None
-    if best and "dense-20" in longer:
-        out.append(f"- {best} vs dense-20 after {CONTROL_STEPS} steps: {longer['dense-20'] - longer[best]:+.3f} nats "
-                   f"for the tree (the target is >= +0.05; 1 seed).")
-    if best and "dense-512" in longer:
-        out.append(f"- {best} vs dense-512 after {CONTROL_STEPS} steps: {longer[best] / longer['dense-512']:.3f}x "
-                   f"(the equal-tokens target is <= 1.03x; 1 seed).")
+    best = min(trees, key=lambda v: longer[v][0]) if trees else None
+    if best is None:
+        return out
+    tree = longer[best]
+    equal = _equal_dense(control, best)
+    if equal and equal != "dense-512":
+        seeds = min(tree[2], longer[equal][2])
+        out.append(f"- {best} vs {equal} after {CONTROL_STEPS} steps: {longer[equal][0] - tree[0]:+.3f} nats for the "
+                   f"tree (the target is >= +0.05; {seeds} seed(s)).")
+    if "dense-512" in longer:
+        seeds = min(tree[2], longer["dense-512"][2])
+        out.append(f"- {best} vs dense-512 after {CONTROL_STEPS} steps: {tree[0] / longer['dense-512'][0]:.3f}x "
+                   f"(the equal-tokens target is <= 1.03x; {seeds} seed(s)).")
         if step_seconds and best in step_seconds and "dense-512" in step_seconds:
             dense_steps = CONTROL_STEPS * step_seconds[best] / step_seconds["dense-512"]
-            history = next(r["history"] for r in control if r["variant"] == "dense-512")
-            dense_loss = _at_step(history, dense_steps)
+            dense_loss = statistics.mean(_at_step(r["history"], dense_steps) for r in control
+                                         if r["variant"] == "dense-512")
             out.append(f"- ... at equal training time: dense-512 trains {dense_steps:.0f} steps in the tree's "
                        f"{CONTROL_STEPS}, its validation loss there (within its own {CONTROL_STEPS}-step schedule) "
-                       f"{dense_loss:.3f}: {longer[best] / dense_loss:.3f}x (target <= 1.03x; 1 seed).")
+                       f"{dense_loss:.3f}: {tree[0] / dense_loss:.3f}x (target <= 1.03x; {seeds} seed(s)).")
     return out
+
+
+def _equal_dense(rows: list[dict], variant: str) -> str | None:
+    """The narrowest dense variant among ``rows`` with at least the neurons per token of ``variant``
+    (its dense FFN of equal active neurons, or the next wider one trained): None if there is none."""
+    n = next(r["neurons_per_token"] for r in rows if r["variant"] == variant)
+    dense = {r["variant"]: r["neurons_per_token"] for r in rows
+             if r["variant"].startswith("dense-") and r["neurons_per_token"] >= n}
+    return min(dense, key=dense.get) if dense else None
 
 
 def _status(met: bool, seeds: int) -> str:
@@ -551,8 +579,8 @@ def write_report(root: Path, corpora: list[str], out: Path, command: str) -> Pat
     control = [r for r in rows if r["stage"] == "control"]
     if control:
         _plot_curves(control, out / "lm_long_curves_control.png", f"Longer control, {CONTROL_STEPS} steps, seed 0")
-        text += [f"## Longer control ({corpora[0]}, seed 0, {CONTROL_STEPS} steps = "
-                 f"{CONTROL_STEPS * BATCH * SHAPE['context'] / 1e6:.1f}M tokens)\n", *_rows_table(control), "",
+        text += [f"## Longer control ({corpora[0]}, {CONTROL_STEPS} steps = "
+                 f"{CONTROL_STEPS * BATCH * SHAPE['context'] / 1e6:.1f}M tokens; curves: seed 0)\n", *_rows_table(control), "",
                  *_control_lines(control, main0, step_seconds), "",
                  "![validation loss vs tokens](lm_long_curves_control.png)", ""]
     tune = [r for r in rows if r["stage"] == "tune"]
