@@ -104,6 +104,9 @@ ABLATIONS = {
                                                 ffn_options=dict(trees=2, depth=8, dense_slice=12)), {}),
     # product keys at 48 neurons per token (the MoE control's active width): 1·(16 + 16 + 16)
     "pk-1x16-n16": ("pk-1x8-n16", dict(ffn_options=dict(key_heads=1, top_k=16, key_dim=16)), {}),
+    # product keys with a batch-normalised query (PEER's remedy for never-retrieved experts)
+    "pk-1x8-n16-batch-norm": ("pk-1x8-n16", dict(ffn_options=dict(key_heads=1, top_k=8, key_dim=8,
+                                                                  query_norm="batch")), {}),
     "fff-d4-l16-no-balance": ("fff-d4-l16", {}, dict(balance=0.0)),
     "fff-d4-l32": ("fff-d4-l16", dict(ffn_width=512, ffn_options=dict(leaf=32, train_mode="hard_path")), {}),
 }
@@ -111,7 +114,8 @@ ABLATIONS = {
 # against the full dense FFN and the dense FFN of its neurons per token
 CONTROL = ("moe-16x32", "dense-48", "nt-2x9-gate-node-balance", "nt-3x9-gate-node-balance", "dense-512", "dense-20",
            "dense-32")
-CONTROL_STEPS = 3 * STEPS
+CONTROL_FACTOR = 3                    # the control trains this many times the main rows' steps
+CONTROL_STEPS = CONTROL_FACTOR * STEPS
 STAGES = ("tune", "main", "ablation", "control", "steptime", "front", "report")
 # batch-1 decoding after a 64-token prompt (at most half the context), 64 tokens per timed call
 FRONT_PROMPT, FRONT_NEW_TOKENS, FRONT_REPEATS = 64, 64, 21
@@ -181,7 +185,7 @@ def run(args) -> int:
     if "control" in stages:
         for seed in range(args.seeds):
             for name in filter(wanted, CONTROL):
-                tune.train(f"control_{name}_s{seed}", name, CONTROL_STEPS, seed, lr_of(name))
+                tune.train(f"control_{name}_s{seed}", name, CONTROL_FACTOR * steps, seed, lr_of(name))
     if "steptime" in stages:
         tune.step_times([*MAIN, *ABLATIONS])
     if "front" in stages:
