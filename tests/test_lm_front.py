@@ -121,7 +121,8 @@ def test_control_lines_use_the_controls_own_seed_noise_and_means():
 
 
 def test_a_tree_is_measured_against_the_narrowest_dense_ffn_with_at_least_its_neurons():
-    rows = [{"variant": "nt-3x9-gate-node-balance", "neurons_per_token": 30}, {"variant": "dense-20", "neurons_per_token": 20},
+    rows = [{"variant": "nt-3x9-gate-node-balance", "neurons_per_token": 30},
+            {"variant": "dense-20", "neurons_per_token": 20},
             {"variant": "dense-32", "neurons_per_token": 32}, {"variant": "dense-48", "neurons_per_token": 48},
             {"variant": "dense-512", "neurons_per_token": 512}]
     assert _equal_dense(rows, "nt-3x9-gate-node-balance") == "dense-32"
@@ -144,3 +145,9 @@ def test_verdicts_hold_the_best_tree_against_the_dense_ffn_of_at_least_its_neuro
                         "over 3 seeds: met).")
     assert lines[1] == ("- nt-3x9-gate-node-balance vs dense-512 at equal tokens (shakespeare): 1.019x (target <= 1.03x: "
                         "met).")
+
+
+def test_the_full_dense_ffn_is_no_trees_rival_of_equal_neurons():
+    rows = [{"variant": "nt-3x9-gate-node-balance", "neurons_per_token": 30},
+            {"variant": "dense-512", "neurons_per_token": 512}]
+    assert _equal_dense(rows, "nt-3x9-gate-node-balance") is None

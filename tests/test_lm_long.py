@@ -25,8 +25,9 @@ def test_long_regime_grid_and_report(tmp_path, monkeypatch):
             "--results", str(results), "--quiet"]
     assert main(argv) == 0
     assert sorted(p.name for p in (runs / "shakespeare").iterdir()) == [
-        "ablation_nt-2x9-tanh_s0", "control_dense-20_s0", "control_dense-512_s0", "front.json", "main_dense-20_s0", "main_dense-512_s0", "main_neuron-tree-2x9_s0",
-        "steptime.json", "tune_dense-small_lr0.001_s0", "tune_dense_lr0.001_s0", "tune_neuron-tree_lr0.001_s0"]
+        "ablation_nt-2x9-tanh_s0", "control_dense-20_s0", "control_dense-512_s0", "front.json", "main_dense-20_s0",
+        "main_dense-512_s0", "main_neuron-tree-2x9_s0", "steptime.json", "tune_dense-small_lr0.001_s0",
+        "tune_dense_lr0.001_s0", "tune_neuron-tree_lr0.001_s0"]
     assert set(json.loads((runs / "shakespeare" / "steptime.json").read_text())["seconds"]) == {
         *lm_capacity.MAIN, *lm_capacity.ABLATIONS, "no-ffn"}
     assert sorted(p.name for p in (runs / "fortunes").iterdir()) == [

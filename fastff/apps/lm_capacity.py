@@ -329,6 +329,14 @@ def _at_step(history: list[dict], step: float) -> float:
     return pts[-1][1] if step > pts[-1][0] else pts[0][1]
 
 
+def _full_dense_at_equal_time(rows: list[dict], tree: str, steps: int, step_seconds: dict) -> tuple[float, float]:
+    """(steps dense-512 trains in the time ``tree`` trains ``steps``, by the interleaved step times;
+    its validation loss there, read off its own runs' histories and averaged over their seeds)."""
+    dense_steps = steps * step_seconds[tree] / step_seconds["dense-512"]
+    losses = [_at_step(r["history"], dense_steps) for r in rows if r["variant"] == "dense-512"]
+    return dense_steps, statistics.mean(losses)
+
+
 def _verdicts(rows: list[dict], corpus: str, step_seconds: dict | None) -> list[str]:
     """The control and the targets of the long regime, met or not, from the main rows."""
     out = []
@@ -350,7 +358,7 @@ def _verdicts(rows: list[dict], corpus: str, step_seconds: dict | None) -> list[
     tree = _mean(rows, best)
     n = next(r["neurons_per_token"] for r in trees if r["variant"] == best)
     rival = _equal_dense(rows, best)
-    if rival and rival != "dense-512":
+    if rival:
         equal = _mean(rows, rival)
         gap = equal[0] - tree[0]
         out.append(f"- Best tree ({corpus}) at <= 1/16 of the dense neurons: {best} ({n} neurons/token, {tree[2]} "
@@ -361,9 +369,7 @@ def _verdicts(rows: list[dict], corpus: str, step_seconds: dict | None) -> list[
         out.append(f"- {best} vs dense-512 at equal tokens ({corpus}): {ratio:.3f}x (target <= 1.03x: "
                    f"{_status(ratio <= 1.03, min(tree[2], full[2]))}).")
         if step_seconds and best in step_seconds and "dense-512" in step_seconds:
-            dense_steps = STEPS * step_seconds[best] / step_seconds["dense-512"]
-            hist = [r["history"] for r in rows if r["variant"] == "dense-512"]
-            dense_loss = statistics.mean(_at_step(h, dense_steps) for h in hist)
+            dense_steps, dense_loss = _full_dense_at_equal_time(rows, best, STEPS, step_seconds)
             ratio = tree[0] / dense_loss
             out.append(f"- {best} vs dense-512 at equal wall-clock training time ({corpus}; interleaved step times "
                        f"{1e3 * step_seconds[best]:.0f} vs {1e3 * step_seconds['dense-512']:.0f} ms, so dense-512 "
@@ -397,14 +403,13 @@ def _control_lines(control: list[dict], main: list[dict], step_seconds: dict | N
     if "moe-16x32" in longer and "dense-48" in longer:
         moe, dense48 = longer["moe-16x32"], longer["dense-48"]
         gap, seeds = dense48[0] - moe[0], min(moe[2], dense48[2])
-        if seeds > 1:
-            verdict = f"seed std at {CONTROL_STEPS} steps {max(moe[1], dense48[1]):.3f}: "
-            noise = max(moe[1], dense48[1])
-        else:
+        if seeds > 1:                       # the control's own seed noise
+            noise, at = max(moe[1], dense48[1]), CONTROL_STEPS
+        else:                               # else the main rows'
             noise = max((m[1] for m in (short["moe-16x32"], short["dense-48"]) if m and m[2] > 1), default=None)
-            verdict = f"seed std at {STEPS} steps {noise:.3f}: " if noise is not None else ""
-        verdict = (verdict + ("capacity-bound" if gap > noise else "still NOT capacity-bound by this control")
-                   if noise is not None else "no seed noise measured")
+            at = STEPS
+        verdict = ("no seed noise measured" if noise is None else f"seed std at {at} steps {noise:.3f}: " +
+                   ("capacity-bound" if gap > noise else "still NOT capacity-bound by this control"))
         out.append(f"- Control after {CONTROL_STEPS} steps: MoE 16x32 top-1 {moe[0]:.3f} vs dense-48 {dense48[0]:.3f}: "
                    f"{gap:+.3f} nats for MoE ({seeds} seed(s); {verdict}).")
     trees = [v for v in longer if _is_tree(v)]
@@ -413,7 +418,7 @@ def _control_lines(control: list[dict], main: list[dict], step_seconds: dict | N
         return out
     tree = longer[best]
     equal = _equal_dense(control, best)
-    if equal and equal != "dense-512":
+    if equal:
         seeds = min(tree[2], longer[equal][2])
         out.append(f"- {best} vs {equal} after {CONTROL_STEPS} steps: {longer[equal][0] - tree[0]:+.3f} nats for the "
                    f"tree (the target is >= +0.05; {seeds} seed(s)).")
@@ -422,9 +427,7 @@ def _control_lines(control: list[dict], main: list[dict], step_seconds: dict | N
         out.append(f"- {best} vs dense-512 after {CONTROL_STEPS} steps: {tree[0] / longer['dense-512'][0]:.3f}x "
                    f"(the equal-tokens target is <= 1.03x; {seeds} seed(s)).")
         if step_seconds and best in step_seconds and "dense-512" in step_seconds:
-            dense_steps = CONTROL_STEPS * step_seconds[best] / step_seconds["dense-512"]
-            dense_loss = statistics.mean(_at_step(r["history"], dense_steps) for r in control
-                                         if r["variant"] == "dense-512")
+            dense_steps, dense_loss = _full_dense_at_equal_time(control, best, CONTROL_STEPS, step_seconds)
             out.append(f"- ... at equal training time: dense-512 trains {dense_steps:.0f} steps in the tree's "
                        f"{CONTROL_STEPS}, its validation loss there (within its own {CONTROL_STEPS}-step schedule) "
                        f"{dense_loss:.3f}: {tree[0] / dense_loss:.3f}x (target <= 1.03x; {seeds} seed(s)).")
@@ -432,11 +435,12 @@ def _control_lines(control: list[dict], main: list[dict], step_seconds: dict | N
 
 
 def _equal_dense(rows: list[dict], variant: str) -> str | None:
-    """The narrowest dense variant among ``rows`` with at least the neurons per token of ``variant``
-    (its dense FFN of equal active neurons, or the next wider one trained): None if there is none."""
+    """The narrowest dense variant among ``rows`` narrower than the full dense FFN with at least the
+    neurons per token of ``variant`` (its dense FFN of equal active neurons, or the next wider one
+    trained): None if there is none."""
     n = next(r["neurons_per_token"] for r in rows if r["variant"] == variant)
     dense = {r["variant"]: r["neurons_per_token"] for r in rows
-             if r["variant"].startswith("dense-") and r["neurons_per_token"] >= n}
+             if r["variant"].startswith("dense-") and n <= r["neurons_per_token"] < FULL_DENSE}
     return min(dense, key=dense.get) if dense else None
 
 
@@ -584,7 +588,8 @@ def write_report(root: Path, corpora: list[str], out: Path, command: str) -> Pat
     if control:
         _plot_curves(control, out / "lm_long_curves_control.png", f"Longer control, {CONTROL_STEPS} steps, seed 0")
         text += [f"## Longer control ({corpora[0]}, {CONTROL_STEPS} steps = "
-                 f"{CONTROL_STEPS * BATCH * SHAPE['context'] / 1e6:.1f}M tokens; curves: seed 0)\n", *_rows_table(control), "",
+                 f"{CONTROL_STEPS * BATCH * SHAPE['context'] / 1e6:.1f}M tokens; curves: seed 0)\n",
+                 *_rows_table(control), "",
                  *_control_lines(control, main0, step_seconds), "",
                  "![validation loss vs tokens](lm_long_curves_control.png)", ""]
     tune = [r for r in rows if r["stage"] == "tune"]
