@@ -42,6 +42,8 @@ __all__ = [
     "neuron_tree_walk",
     "tree_routing_logits",
     "neuron_tree_path_gate",
+    "straight_through_gate",
+    "GATES",
 ]
 
 ACTIVATIONS = {
@@ -53,6 +55,12 @@ ACTIVATIONS = {
     "sigmoid": torch.sigmoid,
     "identity": lambda x: x,
 }
+
+
+# How a neuron tree's routing decisions get a gradient: "none" (they get none), "path" (each visited
+# neuron's term is scaled by its path gate, ``neuron_tree_path_gate``), "straight-through" (the same
+# gradient, scaled by 1 / the gate, with the plain tree's forward: ``straight_through_gate``).
+GATES = ("none", "path", "straight-through")
 
 
 # The numbering the compiled kernels (numba, Triton) use for the activations above.
@@ -238,9 +246,17 @@ def tree_routing_logits(pre: torch.Tensor, nodes: torch.Tensor, route_bias: torc
     return pre + route_bias[torch.arange(route_bias.shape[0], device=nodes.device)[:, None], nodes]
 
 
-def neuron_tree_path_gate(logits: torch.Tensor) -> torch.Tensor:
+def neuron_tree_path_gate(logits: torch.Tensor, straight_through: bool = False) -> torch.Tensor:
     """Per visited neuron, the probability of the path that led to it: logits (B, K, T) of the
     visited nodes -> (B, K, T), 1 at the root, then the running product over the ancestors of
-    ``taken_prob`` (sigmoid(|logit|)). The deepest level's own decision leads nowhere and is unused."""
+    ``taken_prob`` (sigmoid(|logit|)). The deepest level's own decision leads nowhere and is unused.
+    ``straight_through``: ``straight_through_gate`` of it (value 1, the gate's gradient)."""
     q = taken_prob(logits[..., :-1])
-    return torch.cat((torch.ones_like(logits[..., :1]), q.cumprod(-1)), dim=-1)
+    gate = torch.cat((torch.ones_like(logits[..., :1]), q.cumprod(-1)), dim=-1)
+    return straight_through_gate(gate) if straight_through else gate
+
+
+def straight_through_gate(gate: torch.Tensor) -> torch.Tensor:
+    """``gate / gate.detach()``: 1 in value, so a gated term keeps its hard-routed value, while its
+    gradient is the gate's relative gradient (d log gate), which reaches the routing logits."""
+    return gate / gate.detach()

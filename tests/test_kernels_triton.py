@@ -152,17 +152,19 @@ def tree_params(trees, depth, d_in, d_out, bias, dtype):
 @settings(max_examples=10)
 @given(depth=st.integers(0, 5), trees=st.integers(1, 3), d_in=st.integers(1, 70), d_out=st.integers(1, 40),
        batch=st.sampled_from([0, 1, 3, 40]), bias=st.booleans(), route_bias=st.booleans(), gate=st.booleans(),
-       activation=st.sampled_from(sorted(ACTIVATIONS)), seed=st.integers(0, 2**16))
+       straight=st.booleans(), activation=st.sampled_from(sorted(ACTIVATIONS)), seed=st.integers(0, 2**16))
 def test_triton_neuron_tree_training_matches_the_reference_autograd(depth, trees, d_in, d_out, batch, bias,
-                                                                   route_bias, gate, activation, seed):
+                                                                   route_bias, gate, straight, activation, seed):
     """Values, visited nodes, pre-activations and every gradient (x, w_in, b_in, w_out, b_out) of
     the blocked training path against the masked-dense reference, float64 (exact routing)."""
     torch.manual_seed(seed)
     params = tree_params(trees, depth, d_in, d_out, bias, torch.float64)
     rb = 0.5 * torch.randn(*params[1].shape, dtype=torch.float64) if route_bias else None
     x = torch.randn(batch, d_in, dtype=torch.float64, requires_grad=True)
-    y, nodes, pre = T.neuron_tree_paths(x, *params, activation, rb, gate, preactivations=True)
-    y_r, nodes_r, pre_r = R.neuron_tree_paths(x, *params, activation, rb, gate, preactivations=True)
+    straight = gate and straight                                # the straight-through gate (gate's gradient only)
+    y, nodes, pre = T.neuron_tree_paths(x, *params, activation, rb, gate, preactivations=True, straight_through=straight)
+    y_r, nodes_r, pre_r = R.neuron_tree_paths(x, *params, activation, rb, gate, preactivations=True,
+                                              straight_through=straight)
     assert torch.equal(nodes, nodes_r) and nodes.dtype == torch.long
     torch.testing.assert_close(y, y_r, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(pre, pre_r, rtol=1e-10, atol=1e-10)

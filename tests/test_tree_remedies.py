@@ -39,20 +39,31 @@ def grads(out, tensors, g):
                                materialize_grads=True, retain_graph=True)
 
 
+# gate option of a layer -> the backends' (gate, straight_through) flags
+GATE_FLAGS = {"none": (False, False), "path": (True, False), "straight-through": (True, True)}
+
+
 @given(depth=st.integers(0, 5), trees=st.integers(1, 3), rows=st.integers(0, 12), act=st.sampled_from(list(ACTIVATIONS)),
-       bias=st.booleans(), offset=st.booleans(), gate=st.booleans(), seed=st.integers(0, 2**16))
-def test_torch_path_equals_the_per_row_walk(depth, trees, rows, act, bias, offset, gate, seed):
+       bias=st.booleans(), offset=st.booleans(), gate_option=st.sampled_from(list(GATE_FLAGS)),
+       seed=st.integers(0, 2**16))
+def test_torch_path_equals_the_per_row_walk(depth, trees, rows, act, bias, offset, gate_option, seed):
     """Values, visited nodes, pre-activations and gradients (float64) of the torch path equal the
-    per-row reference walk and the masked-dense reference, with a random offset and the gate."""
+    per-row reference walk and the masked-dense reference, with a random offset and either gate."""
     weights, route_bias = tree_weights(depth, trees, bias, seed)
     route_bias = route_bias if offset else None
+    gate, straight = GATE_FLAGS[gate_option]
     x = torch.randn(rows, 5, dtype=F64, generator=torch.Generator().manual_seed(seed + 1), requires_grad=True)
-    y_ref = R.neuron_tree(x, *weights, act, route_bias, gate)
-    y, nodes, pre = V.neuron_tree_paths(x, *weights, act, route_bias, gate, preactivations=True)
-    y_md, visits, pre_md = R.neuron_tree_paths(x, *weights, act, route_bias, gate, preactivations=True)
+    y_ref = R.neuron_tree(x, *weights, act, route_bias, gate, straight_through=straight)
+    y, nodes, pre = V.neuron_tree_paths(x, *weights, act, route_bias, gate, preactivations=True,
+                                        straight_through=straight)
+    y_md, visits, pre_md = R.neuron_tree_paths(x, *weights, act, route_bias, gate, preactivations=True,
+                                               straight_through=straight)
+    if straight:                                      # the forward is the plain tree's
+        torch.testing.assert_close(y_ref, R.neuron_tree(x, *weights, act, route_bias), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(y_md, y_ref, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(V.neuron_tree(x, *weights, act, route_bias, gate), y_ref, rtol=1e-12, atol=1e-12)
+    if not straight:
+        torch.testing.assert_close(V.neuron_tree(x, *weights, act, route_bias, gate), y_ref, rtol=1e-12, atol=1e-12)
     assert torch.equal(nodes, visits) and torch.equal(nodes, R.neuron_tree_visits(x, *weights[:2], route_bias))
     torch.testing.assert_close(pre, pre_md, rtol=1e-12, atol=1e-12)
     if rows:
@@ -66,7 +77,7 @@ def test_torch_path_equals_the_per_row_walk(depth, trees, rows, act, bias, offse
 
 
 @given(depth=st.integers(0, 4), trees=st.integers(1, 3), lead=st.sampled_from(LEAD), rows=st.integers(1, 6),
-       act=st.sampled_from(list(ACTIVATIONS)), gate=st.sampled_from(["none", "path"]), seed=st.integers(0, 2**16))
+       act=st.sampled_from(list(ACTIVATIONS)), gate=st.sampled_from(list(GATE_FLAGS)), seed=st.integers(0, 2**16))
 def test_layer_agrees_on_torch_and_reference_with_leading_dims(depth, trees, lead, rows, act, gate, seed):
     torch.manual_seed(seed)
     layer = fastff.NeuronTree(5, 4, depth, trees, activation=act, route_bias=0.1, gate=gate, dense_slice=2).to(F64)
@@ -97,27 +108,33 @@ def test_cpu_preactivations_have_the_torch_gradients():
 
 
 @given(depth=st.integers(0, 5), trees=st.integers(1, 3), rows=st.integers(0, 12), act=st.sampled_from(list(ACTIVATIONS)),
-       bias=st.booleans(), options=st.sampled_from(["route_bias", "gate", "both"]), seed=st.integers(0, 2**16))
+       bias=st.booleans(), options=st.sampled_from(["route_bias", "gate", "both", "straight-through"]),
+       seed=st.integers(0, 2**16))
 def test_cpu_path_with_the_options_equals_the_torch_path(depth, trees, rows, act, bias, options, seed):
     """The numba path of the routing options (walk, gathered-row ops): visited nodes, values,
     pre-activations and gradients (float64) equal the torch path's, with and without gradient."""
     weights, route_bias = tree_weights(depth, trees, bias, seed)
     route_bias, gate = (None if options == "gate" else route_bias), options != "route_bias"
+    straight = options == "straight-through"
     x = torch.randn(rows, 5, dtype=F64, generator=torch.Generator().manual_seed(seed + 1), requires_grad=True)
-    y, nodes, pre = cpu.neuron_tree_paths(x, *weights, act, route_bias, gate, preactivations=True)
-    y_t, nodes_t, pre_t = V.neuron_tree_paths(x, *weights, act, route_bias, gate, preactivations=True)
+    y, nodes, pre = cpu.neuron_tree_paths(x, *weights, act, route_bias, gate, preactivations=True,
+                                          straight_through=straight)
+    y_t, nodes_t, pre_t = V.neuron_tree_paths(x, *weights, act, route_bias, gate, preactivations=True,
+                                              straight_through=straight)
     assert torch.equal(nodes, nodes_t) and y.shape == (rows, 4)
     torch.testing.assert_close(y, y_t, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(pre, pre_t, rtol=1e-12, atol=1e-12)
     with torch.no_grad():
-        torch.testing.assert_close(cpu.neuron_tree(x, *weights, act, route_bias, gate), y_t, rtol=1e-12, atol=1e-12)
+        served = dict(route_bias=route_bias) if straight else dict(route_bias=route_bias, gate=gate)
+        torch.testing.assert_close(cpu.neuron_tree(x, *weights, act, **served), y_t, rtol=1e-12, atol=1e-12)
     if rows:
         g, g_pre = torch.randn_like(y), torch.randn_like(pre)
         for got, want in zip(grads((y, pre), [x, *weights], (g, g_pre)), grads((y_t, pre_t), [x, *weights], (g, g_pre))):
             torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
 
 
-@pytest.mark.parametrize("options", [dict(route_bias=0.05), dict(gate="path"), dict(route_bias=0.05, gate="path")])
+@pytest.mark.parametrize("options", [dict(route_bias=0.05), dict(gate="path"), dict(route_bias=0.05, gate="path"),
+                                     dict(gate="straight-through")])
 def test_cpu_float32_training_step_equals_the_torch_path(options):
     """One training step per backend from the same state: outputs, every gradient, the node-balance
     aux (and its gradient) and the updated offset agree (float32 tolerance; the offset exactly)."""
@@ -141,7 +158,8 @@ def test_cpu_float32_training_step_equals_the_torch_path(options):
 
 
 @pytest.mark.parametrize("options", [dict(gate="path"), dict(route_bias=0.05), dict(route_bias=0.05, gate="path"),
-                                     dict(dense_slice=3), dict(gate="path", dense_slice=3)])
+                                     dict(dense_slice=3), dict(gate="path", dense_slice=3),
+                                     dict(gate="straight-through", route_bias=0.05)])
 def test_train_forward_equals_eval_forward(options):
     torch.manual_seed(0)
     layer = fastff.NeuronTree(6, 3, 4, trees=2, **options).to(F64)
@@ -281,6 +299,29 @@ def test_node_balance_needs_a_training_forward_and_joins_the_run_core_balance():
     assert "node_balance" in F.family("neuron-tree").aux_losses
 
 
+def test_straight_through_gate_gradient_of_a_depth_1_tree():
+    """One row, one tree of depth 1: y = act(a0)·w0 + act(a1)·w1 in value (a1: the visited child),
+    and the root's bias gets act'(a0)·w0 + act(a1)·w1 · d log sigmoid(|a0|) / d a0 (the path gate's
+    relative gradient, (1 - sigmoid(|a0|))·sign(a0)), written out here by hand."""
+    torch.manual_seed(3)
+    layer = fastff.NeuronTree(4, 2, 1, gate="straight-through", bias=False, backend="torch").to(F64)
+    x = torch.randn(1, 4, dtype=F64)
+    g = torch.randn(1, 2, dtype=F64)
+    (layer.train()(x) * g).sum().backward()
+    with torch.no_grad():
+        a = x[0] @ layer.w_in[0].T + layer.b_in[0]                       # (3,) all nodes' pre-activations
+        child = 2 if a[0] >= 0 else 1
+        gelu, dgelu = torch.nn.functional.gelu, lambda t: torch.func.grad(torch.nn.functional.gelu)(t)
+        y = gelu(a[0]) * layer.w_out[0, 0] + gelu(a[child]) * layer.w_out[0, child]
+        dlog_gate = (1 - torch.sigmoid(a[0].abs())) * torch.sign(a[0])
+        root = dgelu(a[0]) * (g[0] @ layer.w_out[0, 0]) + (g[0] @ (gelu(a[child]) * layer.w_out[0, child])) * dlog_gate
+        torch.testing.assert_close(layer.eval()(x)[0], y, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer.b_in.grad[0, 0], root, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer.b_in.grad[0, child], dgelu(a[child]) * (g[0] @ layer.w_out[0, child]),
+                               rtol=1e-12, atol=1e-12)   # the deepest decision leads nowhere: no gate gradient
+    assert layer.b_in.grad[0, 3 - child] == 0                                   # the unvisited child
+
+
 # ----------------------------------------------------------------------------- backends, geometry, files
 
 @pytest.mark.parametrize("options", [dict(route_bias=1e-3), dict(gate="path")])
@@ -288,6 +329,20 @@ def test_the_plain_numba_tree_kernel_refuses_the_routing_options(options):
     layer = fastff.NeuronTree(4, 2, 2, **options)
     with pytest.raises(ValueError, match="plain tree"):
         F.family("neuron-tree").cpu_kernel(layer)
+
+
+def test_a_straight_through_tree_serves_on_the_plain_kernels():
+    """gate="straight-through" changes only training: eval is the plain tree, on the numba kernel
+    and through the prepared plain path, equal to a gate="none" layer with the same weights."""
+    layer = fastff.NeuronTree(4, 2, 2, gate="straight-through")
+    plain = fastff.NeuronTree(4, 2, 2)
+    plain.load_state_dict(layer.state_dict())
+    assert layer.routed_options() == {} and layer.training_options() == dict(gate=True, straight_through=True)
+    F.family("neuron-tree").cpu_kernel(layer)                                   # accepted
+    x = torch.randn(7, 4)
+    with torch.no_grad():
+        assert torch.equal(layer.eval()(x), plain.eval()(x))
+        torch.testing.assert_close(layer.train()(x), plain.eval()(x))
 
 
 @pytest.mark.parametrize("options", [dict(route_bias=1e-3), dict(gate="path")])
@@ -405,6 +460,7 @@ def test_lm_train_with_the_tree_options(tmp_path):
 @pytest.mark.parametrize("ffn, flags, gate, balance", [
     ("neuron-tree", [], "path", 0.01),                          # the long regime's winning remedy is the default
     ("neuron-tree", ["--gate", "none", "--balance", "0"], "none", 0.0),
+    ("neuron-tree", ["--gate", "straight-through"], "straight-through", 0.01),
     ("moe", [], None, 0.01), ("dense", [], None, 0.0)])
 def test_lm_train_defaults_to_the_path_gate_and_balance(tmp_path, ffn, flags, gate, balance):
     (tmp_path / "t.txt").write_text("to be or not to be, that is the question. " * 60)

@@ -9,7 +9,8 @@ Every backend implements, on 2-D inputs,
   ``fff_leaves`` (composed into the FFF hard path by ``fastff.kernels.routing.fff_hard_path``).
 
 The NeuronTree routing offset and path gate (``route_bias=``, ``gate=True`` of ``neuron_tree`` /
-``neuron_tree_paths``) exist on every backend (``"cpu"``: the walk on the grouped descent, the
+``neuron_tree_paths``; ``straight_through=True`` of ``neuron_tree_paths``: the gate's gradient
+with the plain tree's forward) exist on every backend (``"cpu"``: the walk on the grouped descent, the
 visited neurons on the gathered-row ops of ``fastff.kernels.gathered``; ``"triton"``: its blocked
 path), with or without gradient; ``"auto"`` runs calls that use them on ``"cpu"`` for CPU
 float32/float64 tensors outside ``torch.compile`` / ``torch.export`` tracing, on ``"triton"`` for
@@ -143,11 +144,12 @@ class _Auto:
 
     @staticmethod
     def neuron_tree_paths(x, w_in, b_in, w_out, b_out, activation: str, route_bias=None, gate: bool = False,
-                          preactivations: bool = False):
+                          preactivations: bool = False, straight_through: bool = False):
         weights = (w_in, b_in, w_out, b_out)
         if route_bias is not None or gate:
             backend = _pick((x, *weights, route_bias), _routed_on_cpu)
-            return backend.neuron_tree_paths(x, *weights, activation, route_bias, gate, preactivations)
+            return backend.neuron_tree_paths(x, *weights, activation, route_bias, gate, preactivations,
+                                             straight_through=straight_through)
         return _pick((x, *weights)).neuron_tree_paths(x, *weights, activation, preactivations=preactivations)
 
     @staticmethod

@@ -542,7 +542,7 @@ def _visited_preacts(x, w_in, b_in, route_bias):
 
 
 def neuron_tree_paths(x, w_in, b_in, w_out, b_out, activation: str, route_bias=None, gate: bool = False,
-                      preactivations: bool = False):
+                      preactivations: bool = False, straight_through: bool = False):
     """NeuronTree forward with O(K·(D+1)·(in+out)) forward and backward per row.
 
     x (B, I), w_in (K, M, I), b_in (K, M), w_out (K, M, O), b_out (O,) or None -> (y (B, O),
@@ -550,12 +550,13 @@ def neuron_tree_paths(x, w_in, b_in, w_out, b_out, activation: str, route_bias=N
     pre-activations (B, K, D+1) (differentiable too) if ``preactivations``. x and every weight get
     gradients; weight gradients are nonzero only in visited rows. Equal (values and gradients) to
     ``reference.neuron_tree_paths``. ``route_bias`` (K, M) offsets the decisions only, ``gate``
-    scales each visited neuron's term by its path gate (as there); with either, the visited neurons
+    scales each visited neuron's term by its path gate (``straight_through``: value 1, the gate's
+    gradient; as there); with either, the visited neurons
     run on the gathered ops (``routing.neuron_tree_visited``), else on the fused tree kernels."""
     check_tensors(x, w_in, b_in, w_out, b_out, route_bias)
     if route_bias is not None or gate:
         y, nodes, pre = routing.neuron_tree_visited(_visited_preacts, gathered.gathered_combine, x, w_in, b_in,
-                                                    w_out, b_out, activation, route_bias, gate)
+                                                    w_out, b_out, activation, route_bias, gate, straight_through)
     else:
         bias = w_out.new_zeros(w_out.shape[-1]) if b_out is None else b_out
         y, nodes, pre = _NeuronTree.apply(x, w_in, b_in, w_out, bias, activation_code(activation))

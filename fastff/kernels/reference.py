@@ -71,21 +71,24 @@ def neuron_tree_visits(x, w_in, b_in, route_bias=None) -> torch.Tensor:
     return visits
 
 
-def neuron_tree(x, w_in, b_in, w_out, b_out, activation: str, route_bias=None, gate: bool = False) -> torch.Tensor:
+def neuron_tree(x, w_in, b_in, w_out, b_out, activation: str, route_bias=None, gate: bool = False,
+                straight_through: bool = False) -> torch.Tensor:
     """NeuronTree forward: per row and tree, walk from the root and add act(a) · w_out[n] with
     a = x·w_in[n] + b_in[n] for every visited node n, going right iff a + route_bias[k, n] >= 0
     (route_bias (K, M) or None: 0). ``gate``: each neuron's term is scaled by the product, over
-    the nodes above it on the path, of the taken branch's probability sigmoid(|a + route_bias|).
+    the nodes above it on the path, of the taken branch's probability sigmoid(|a + route_bias|);
+    ``straight_through``: by that product divided by its detached self (value 1, its gradient).
     -> (B, O)."""
     act = get_activation(activation)
     rows = []
     for row in x:
         out = w_out.new_zeros(w_out.shape[-1]) if b_out is None else b_out.clone()
         for k in range(w_in.shape[0]):
-            node, g = 0, 1.0
+            node, g = 0, x.new_ones(())
             for _ in range(tree_levels(w_in.shape[1])):
                 a = row @ w_in[k, node] + b_in[k, node]
-                out = out + (g if gate else 1.0) * act(a) * w_out[k, node]
+                scale = (g / g.detach() if straight_through else g) if gate else 1.0
+                out = out + scale * act(a) * w_out[k, node]
                 logit = a if route_bias is None else a + route_bias[k, node]
                 g = g * taken_prob(logit)
                 node = int(child_index(node, go_right(logit)))
@@ -93,9 +96,11 @@ def neuron_tree(x, w_in, b_in, w_out, b_out, activation: str, route_bias=None, g
     return _stack(rows, x, w_out.shape[-1])
 
 
-def _masked_dense(x, w_in, b_in, w_out, b_out, activation: str, route_bias=None, gate: bool = False):
+def _masked_dense(x, w_in, b_in, w_out, b_out, activation: str, route_bias=None, gate: bool = False,
+                  straight_through: bool = False):
     """(output (B, O), visits (B, K, D+1), visited pre-activations (B, K, D+1)) of the masked-dense
-    formulation; with ``gate`` the mask holds each visited neuron's path gate instead of 1."""
+    formulation; with ``gate`` the mask holds each visited neuron's path gate instead of 1
+    (``straight_through``: the gate divided by its detached self)."""
     act = get_activation(activation)
     visits = neuron_tree_visits(x, w_in, b_in, route_bias)
     dense = torch.einsum("bi,kmi->bkm", x, w_in) + b_in                               # (B, K, M)
@@ -104,6 +109,7 @@ def _masked_dense(x, w_in, b_in, w_out, b_out, activation: str, route_bias=None,
         logits = pre if route_bias is None else pre + route_bias[torch.arange(w_in.shape[0])[:, None], visits]
         q = taken_prob(logits)
         on = torch.cat((torch.ones_like(q[..., :1]), q[..., :-1].cumprod(-1)), -1)   # gate of each visited neuron
+        on = on / on.detach() if straight_through else on
     else:
         on = torch.ones(visits.shape, dtype=x.dtype)
     mask = torch.zeros(x.shape[0], *w_in.shape[:2], dtype=x.dtype).scatter(2, visits, on)
@@ -112,18 +118,18 @@ def _masked_dense(x, w_in, b_in, w_out, b_out, activation: str, route_bias=None,
 
 
 def neuron_tree_masked_dense(x, w_in, b_in, w_out, b_out, activation: str, route_bias=None,
-                             gate: bool = False) -> torch.Tensor:
+                             gate: bool = False, straight_through: bool = False) -> torch.Tensor:
     """UltraFastBERT's training formulation: all K·M neurons computed densely, multiplied by a
     0/1 mask of the visited ones (with ``gate``: by their path gates; ``route_bias`` as in
     ``neuron_tree``). Differentiable; the gradient ground truth. -> (B, O)."""
-    return _masked_dense(x, w_in, b_in, w_out, b_out, activation, route_bias, gate)[0]
+    return _masked_dense(x, w_in, b_in, w_out, b_out, activation, route_bias, gate, straight_through)[0]
 
 
 def neuron_tree_paths(x, w_in, b_in, w_out, b_out, activation: str, route_bias=None, gate: bool = False,
-                      preactivations: bool = False):
+                      preactivations: bool = False, straight_through: bool = False):
     """Training forward of the ``"reference"`` backend: (masked dense output (B, O), visits (B, K, D+1)),
     and the visited pre-activations (B, K, D+1) if ``preactivations``."""
-    y, visits, pre = _masked_dense(x, w_in, b_in, w_out, b_out, activation, route_bias, gate)
+    y, visits, pre = _masked_dense(x, w_in, b_in, w_out, b_out, activation, route_bias, gate, straight_through)
     return (y, visits, pre) if preactivations else (y, visits)
 
 

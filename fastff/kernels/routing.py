@@ -54,9 +54,10 @@ def fff_hard_path(walk, leaves, x, node_w, node_b, w1, b1, w2, b2, activation: s
 
 
 def neuron_tree_visited(walk, combine, x, w_in, b_in, w_out, b_out, activation: str, route_bias=None,
-                        gate: bool = False):
+                        gate: bool = False, straight_through: bool = False):
     """NeuronTree forward through the visited neurons only: the walk gives every visited
-    pre-activation, the activation (times the path gate if ``gate``) runs in torch on (B, K, T),
+    pre-activation, the activation (times the path gate if ``gate``; with ``straight_through`` its
+    straight-through version, ``functional.straight_through_gate``) runs in torch on (B, K, T),
     and ``combine`` sums the visited rows of ``w_out``.
 
     walk(x, w_in, b_in, route_bias) -> (pre (B, K, T) differentiable, nodes (B, K, T) long), the
@@ -67,7 +68,7 @@ def neuron_tree_visited(walk, combine, x, w_in, b_in, w_out, b_out, activation: 
     pre, nodes = walk(x, w_in, b_in, route_bias)
     h = get_activation(activation)(pre)
     if gate:
-        h = h * neuron_tree_path_gate(tree_routing_logits(pre, nodes, route_bias))
+        h = h * neuron_tree_path_gate(tree_routing_logits(pre, nodes, route_bias), straight_through)
     T = pre.shape[2]
     ids = tree_table_rows(nodes, M).reshape(B, K * T)
     y = combine(h.reshape(B, K * T), w_out.reshape(K * M, O), ids)

@@ -345,15 +345,16 @@ def _walk_trees(x, w_in, b_in, route_bias):
 
 
 def neuron_tree_paths(x, w_in, b_in, w_out, b_out, activation: str, route_bias=None, gate: bool = False,
-                      preactivations: bool = False):
+                      preactivations: bool = False, straight_through: bool = False):
     """NeuronTree forward with O(K·(D+1)·(in+out)) forward and backward per row (blocked path).
     x (B, I), w_in (K, M, I), b_in (K, M), w_out (K, M, O), b_out (O,) or None -> (y (B, O), nodes
     (B, K, D+1) long), and the visited pre-activations (B, K, D+1) if ``preactivations``; same
-    values and gradients as ``reference.neuron_tree_paths`` (``route_bias``, ``gate`` as there). Half
+    values and gradients as ``reference.neuron_tree_paths`` (``route_bias``, ``gate``,
+    ``straight_through`` as there). Half
     inputs: pre-activations, activations and gates in float32, y in the input's dtype."""
     _check(x, activation, w_in, b_in, w_out, b_out, route_bias)
     y, nodes, pre = routing.neuron_tree_visited(_walk_trees, gathered_combine, x, w_in, b_in, w_out, b_out,
-                                                activation, route_bias, gate)
+                                                activation, route_bias, gate, straight_through)
     return (y.to(x.dtype), nodes, pre) if preactivations else (y.to(x.dtype), nodes)
 
 

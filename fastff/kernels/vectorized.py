@@ -62,12 +62,14 @@ def _combine(c, w, idx):
 
 
 def neuron_tree_paths(x, w_in, b_in, w_out, b_out, activation: str, route_bias=None, gate: bool = False,
-                      preactivations: bool = False):
+                      preactivations: bool = False, straight_through: bool = False):
     """NeuronTree forward with the visited nodes. -> (y (B, O), nodes (B, K, D+1) long), and the
     visited pre-activations (B, K, D+1) if ``preactivations``; differentiable through the visited
     neurons only. ``route_bias`` (K, M) offsets the decisions only; ``gate`` scales each visited
-    neuron's output by its path gate (``functional.neuron_tree_path_gate``)."""
-    y, nodes, a = neuron_tree_visited(_walk, _combine, x, w_in, b_in, w_out, b_out, activation, route_bias, gate)
+    neuron's output by its path gate (``functional.neuron_tree_path_gate``; ``straight_through``:
+    value 1, the gate's gradient)."""
+    y, nodes, a = neuron_tree_visited(_walk, _combine, x, w_in, b_in, w_out, b_out, activation, route_bias, gate,
+                                      straight_through)
     return (y, nodes, a) if preactivations else (y, nodes)
 
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .._checks import check_choice
-from ..functional import ACTIVATIONS, fff_depth, hard_path, n_nodes, neuron_tree_walk, tree_routing_logits, tree_size
+from ..functional import ACTIVATIONS, GATES, fff_depth, hard_path, n_nodes, neuron_tree_walk, tree_routing_logits, tree_size
 from .dense import DenseFF
 from .fff import FFF
 from .moe import MoE
@@ -394,7 +394,8 @@ register(Family(
      Option("route_bias", float, 0.0, "update rate of a per-node routing offset that each training step moves "
                                       "towards 50/50 splits (0 = off; runs on the torch backend)", low=0.0),
      Option("gate", str, "none", "path: scale each visited neuron by the probability of its path, so routing "
-                                 "gets a gradient (runs on the torch backend)", choices=("none", "path")),
+                                 "gets a gradient (runs on the torch backend); straight-through: that gradient "
+                                 "with the plain tree's forward (serves a plain tree)", choices=GATES),
      Option("dense_slice", int, 0, "width of an always-on dense FFN added to the trees (counted in the width)",
             low=0)),
     _tree_make, _tree_shape, "K trees in which every node is a neuron (UltraFastBERT)",

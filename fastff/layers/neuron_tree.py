@@ -8,12 +8,11 @@ from torch import nn
 
 from .._checks import check_bool, check_choice, check_fraction, check_int, check_parameter_bytes
 from .. import kernels
-from ..functional import ACTIVATIONS, tree_routing_logits, tree_size, tree_table_rows
+from ..functional import ACTIVATIONS, GATES, tree_routing_logits, tree_size, tree_table_rows
 from ._base import EagerKernel, RoutedLayer
 from .dense import DenseFF
 
 USAGE = (None, "hard")
-GATES = ("none", "path")
 
 
 class NeuronTree(EagerKernel, RoutedLayer):
@@ -44,6 +43,9 @@ class NeuronTree(EagerKernel, RoutedLayer):
     - ``gate="path"``: each visited neuron's term ``act(a)·w_out`` is scaled by the probability
       of the path to it, the product over its ancestors of ``sigmoid(|a + route_bias|)`` (the
       root's gate is 1), so the routing decisions get a gradient; eval computes the same function.
+    - ``gate="straight-through"``: the path gate's gradient with the plain tree's forward (each
+      term scaled by ``gate / gate.detach()``, 1 in value): deep neurons are not damped by a
+      product of probabilities, and eval serves a plain tree (on every backend's fast path).
     - ``dense_slice`` (width): a ``DenseFF`` of that width and the same activation, ``dense``,
       evaluated for every row and added to the output (counted in both widths).
 
@@ -109,13 +111,22 @@ class NeuronTree(EagerKernel, RoutedLayer):
         return self.trees * (self.depth + 1) + self.dense_slice
 
     def routed_options(self) -> dict:
-        """The routing options in use, as the backends take them: ``route_bias`` (the buffer) when
-        the update rate is > 0, ``gate=True`` for ``gate="path"``; {} for a plain tree."""
+        """The routing options of the served function, as the backends take them: ``route_bias``
+        (the buffer) when the update rate is > 0, ``gate=True`` for ``gate="path"``; {} for a plain
+        tree (and for ``gate="straight-through"``, whose forward is the plain tree's)."""
         options = {}
         if "route_bias" in self._buffers:
             options["route_bias"] = self._buffers["route_bias"]
         if self.gate == "path":
             options["gate"] = True
+        return options
+
+    def training_options(self) -> dict:
+        """``routed_options`` plus, for ``gate="straight-through"``, ``gate=True,
+        straight_through=True`` (the training path's gradient through the routing decisions)."""
+        options = self.routed_options()
+        if self.gate == "straight-through":
+            options.update(gate=True, straight_through=True)
         return options
 
     def reset_usage(self) -> None:
@@ -141,11 +152,11 @@ class NeuronTree(EagerKernel, RoutedLayer):
         return y if self.dense is None else y + self.dense(x)
 
     def _tree(self, x: torch.Tensor) -> torch.Tensor:
-        options = self.routed_options()
         if not self.training:
             return kernels.resolve(self.backend).neuron_tree(
                 x, self._param("w_in"), self._param("b_in"), self._param("w_out"), self._param("b_out"),
-                self.activation, **options)
+                self.activation, **self.routed_options())
+        options = self.training_options()
         y, nodes, pre = kernels.resolve(self.backend).neuron_tree_paths(
             x, self.w_in, self.b_in, self.w_out, self.b_out, self.activation, preactivations=True, **options)
         if self.usage == "hard":
