@@ -600,17 +600,19 @@ def write_report(root: Path, corpora: list[str], out: Path, command: str) -> Pat
             "the lowest validation loss is kept and the test split is evaluated once. Capacity: fraction of the "
             "deepest level's units (leaves, deepest nodes, experts) reached and of all units never reached, on "
             "the first validation tokens (`--capacity-tokens`), at the selected step.\n"]
-    best = _best_tree([r for r in rows if r["corpus"] == corpora[0] and r["variant"] in MAIN
-                       and r["stage"] in ("main", "ablation")])
+    def main_rows(corpus: str) -> list[dict]:
+        return [r for r in rows if r["corpus"] == corpus and r["variant"] in MAIN and r["stage"] in ("main", "ablation")]
+
+    main0 = main_rows(corpora[0])
+    best = _best_tree(main0)
     steptime = root / corpora[0] / "steptime.json"
     step_seconds = json.loads(steptime.read_text())["seconds"] if steptime.exists() else None
     for corpus in corpora:
-        main = [r for r in rows if r["corpus"] == corpus and r["variant"] in MAIN and r["stage"] in ("main", "ablation")]
+        main = main_rows(corpus)
         if main:
             _plot_curves(main, out / f"lm_long_curves_{corpus}.png")
             text += [f"## Main rows: {corpus}\n", *_rows_table(main), "", *_verdicts(main, corpus, step_seconds, best), "",
                      f"![validation loss vs tokens](lm_long_curves_{corpus}.png)", ""]
-    main0 = [r for r in rows if r["corpus"] == corpora[0] and r["variant"] in MAIN and r["stage"] in ("main", "ablation")]
     ablations = [r for r in rows if r["stage"] == "ablation"]
     if ablations:
         text += [f"## Tree ablations ({corpora[0]}, seed 0)\n", *_rows_table(ablations), "",
