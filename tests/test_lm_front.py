@@ -98,15 +98,15 @@ def test_control_lines_judge_the_longer_runs_against_the_main_rows_seed_noise():
                  "history": [{"step": 0, "val_loss": 4.0}, {"step": CONTROL_STEPS, "val_loss": 1.5}]},
                 {"variant": "dense-20", "val_loss": 1.6, "neurons_per_token": 20}]
     assert _control_lines(control, main)[-2:] == [
-        f"- nt-2x9-gate-node-balance vs dense-20 after {CONTROL_STEPS} steps: +0.055 nats for the tree (the target is "
-        ">= +0.05; 1 seed(s)).",
-        f"- nt-2x9-gate-node-balance vs dense-512 after {CONTROL_STEPS} steps: 1.030x (the equal-tokens target is "
-        "<= 1.03x; 1 seed(s))."]
+        f"- nt-2x9-gate-node-balance vs dense-20 after {CONTROL_STEPS} steps: +0.055 nats for the tree (target >= "
+        "+0.05: met so far, 1 of 3 seeds).",
+        f"- nt-2x9-gate-node-balance vs dense-512 after {CONTROL_STEPS} steps: 1.030x (target <= 1.03x at equal "
+        "tokens: met so far, 1 of 3 seeds)."]
     # the tree steps twice as fast: dense-512 trains half the steps in its time, at 2.75 on that history
     assert _control_lines(control, main, {"nt-2x9-gate-node-balance": 0.1, "dense-512": 0.2})[-1] == (
         f"- ... at equal training time: dense-512 trains {CONTROL_STEPS // 2} steps in the tree's {CONTROL_STEPS}, its "
-        f"validation loss there (within its own {CONTROL_STEPS}-step schedule) 2.750: 0.562x (target <= 1.03x; "
-        "1 seed(s)).")
+        f"validation loss there (within its own {CONTROL_STEPS}-step schedule) 2.750: 0.562x (target <= 1.03x: "
+        "met so far, 1 of 3 seeds).")
 
 
 def test_control_lines_use_the_controls_own_seed_noise_and_means():

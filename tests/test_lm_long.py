@@ -30,12 +30,14 @@ def test_long_regime_grid_and_report(tmp_path, monkeypatch):
         "tune_dense_lr0.001_s0", "tune_neuron-tree_lr0.001_s0"]
     assert set(json.loads((runs / "shakespeare" / "steptime.json").read_text())["seconds"]) == {
         *lm_capacity.MAIN, *lm_capacity.ABLATIONS, "no-ffn"}
-    assert sorted(p.name for p in (runs / "fortunes").iterdir()) == [
-        "main_dense-20_s0", "main_dense-512_s0", "main_neuron-tree-2x9_s0", "main_nt-2x9-tanh_s0"]
+    assert sorted(p.name for p in (runs / "fortunes").iterdir()) == [      # the control on every corpus too
+        "control_dense-20_s0", "control_dense-512_s0", "main_dense-20_s0", "main_dense-512_s0",
+        "main_neuron-tree-2x9_s0", "main_nt-2x9-tanh_s0"]
     md = (results / "lm_long.md").read_text()
     assert "## Main rows: shakespeare" in md and "## Main rows: fortunes" in md and "## Tree ablations" in md
     assert "vs dense-20" in md and "Capacity of " in md and "at equal wall-clock training time" in md
-    assert "## Longer control" in md and "- dense-20: " in md
+    assert "## Longer control (shakespeare" in md and "## Longer control (fortunes" in md and "- dense-20: " in md
+    assert (results / "lm_long_curves_control_fortunes.png").exists()
     control = json.loads((runs / "shakespeare" / "control_dense-20_s0" / "config.json").read_text())
     assert control["train"]["steps"] == lm_capacity.CONTROL_FACTOR * 2      # the control scales with --steps
     assert "## The front (shakespeare, seed 0)" in md and "| nt-2x9-tanh int8 | 20 |" in md

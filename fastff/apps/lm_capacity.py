@@ -10,8 +10,8 @@ can use their width. Stages:
 - ``ablation``: the tree remedies (``ABLATIONS``), Shakespeare, seed 0;
 - ``control``: the MoE control, its dense FFN of equal active neurons, the best trees, the full
   dense FFN and the dense FFNs of the trees' neurons per token trained 3x longer (``CONTROL_STEPS``),
-  the first corpus, ``--seeds`` seeds (pick rows with ``--only``): is the regime capacity-bound when
-  longer?
+  every corpus of ``--corpora`` x ``--seeds`` seeds (pick rows with ``--only``, corpora with
+  ``--corpora``): is the regime capacity-bound when longer?
 - ``steptime``: training-step time of every variant and ablation, interleaved in one process
   (the first corpus's steptime.json), for the equal-wall-clock comparison;
 - ``front``: validation loss and batch-1 decoding speed of every trained seed-0 model of the first
@@ -114,6 +114,14 @@ ABLATIONS = {
     "nt-3x9-gate-node-balance-lr8e-3-ffn-x0.5": _three_trees(lr=8e-3, ffn_lr_mult=0.5),
     # the 3-tree recipe with the straight-through gate: the path gate's gradient, the plain tree's forward
     "nt-3x9-straight-through-node-balance": _three_trees(gate="straight-through"),
+    # the 3-tree recipe without weight decay (AdamW's decay shrinks every neuron each step, while a
+    # deep neuron learns from ~1/512 of the tokens)
+    "nt-3x9-gate-node-balance-wd0": _three_trees(weight_decay=0.0),
+    # a shared, always-on dense slice beside 2 gated trees (a shared expert): 20 + 12 = 32 per token
+    "nt-2x9-gate-node-balance-slice-12": ("neuron-tree-2x9", dict(ffn_width=2 * 1023 + 12,
+                                                                  ffn_options=dict(trees=2, depth=9, gate="path",
+                                                                                   dense_slice=12)),
+                                          dict(balance=0.01)),
     # the winning recipe on 2 deeper trees: 22 neurons per token, 4094 in all
     "nt-2x10-gate-node-balance": ("neuron-tree-2x9", dict(ffn_width=2 * 2047, ffn_options=dict(trees=2, depth=10,
                                                                                                gate="path")),
@@ -207,9 +215,10 @@ def run(args) -> int:
         for name in filter(wanted, ABLATIONS):
             tune.train(f"ablation_{name}_s0", name, steps, 0, lr_of(name))
     if "control" in stages:
-        for seed in range(args.seeds):
-            for name in filter(wanted, CONTROL):
-                tune.train(f"control_{name}_s{seed}", name, CONTROL_FACTOR * steps, seed, lr_of(name))
+        for seed in range(args.seeds):                  # seed-major, as the main rows
+            for grid in grids.values():
+                for name in filter(wanted, CONTROL):
+                    grid.train(f"control_{name}_s{seed}", name, CONTROL_FACTOR * steps, seed, lr_of(name))
     if "steptime" in stages:
         tune.step_times([*MAIN, *ABLATIONS])
     if "front" in stages:
@@ -418,7 +427,7 @@ def _verdicts(rows: list[dict], corpus: str, step_seconds: dict | None, best: st
 
 
 def _control_lines(control: list[dict], main: list[dict], step_seconds: dict | None = None) -> list[str]:
-    """The longer control against the main rows (first corpus): MoE vs dense-48 after
+    """The longer control against the main rows of its corpus: MoE vs dense-48 after
     ``CONTROL_STEPS`` (means over the control's seeds), measured against the control's own seed
     noise where it has >= 2 seeds of both, else the ``STEPS``-step main rows'; the best tree
     against the dense FFN of its neurons per token and dense-512 (at equal tokens, and with
@@ -451,17 +460,20 @@ def _control_lines(control: list[dict], main: list[dict], step_seconds: dict | N
     equal = _equal_dense(control, best)
     if equal:
         seeds = min(tree[2], longer[equal][2])
-        out.append(f"- {best} vs {equal} after {CONTROL_STEPS} steps: {longer[equal][0] - tree[0]:+.3f} nats for the "
-                   f"tree (the target is >= +0.05; {seeds} seed(s)).")
+        gap = longer[equal][0] - tree[0]
+        out.append(f"- {best} vs {equal} after {CONTROL_STEPS} steps: {gap:+.3f} nats for the tree (target >= +0.05: "
+                   f"{_status(gap >= 0.05, seeds)}).")
     if "dense-512" in longer:
         seeds = min(tree[2], longer["dense-512"][2])
-        out.append(f"- {best} vs dense-512 after {CONTROL_STEPS} steps: {tree[0] / longer['dense-512'][0]:.3f}x "
-                   f"(the equal-tokens target is <= 1.03x; {seeds} seed(s)).")
+        ratio = tree[0] / longer["dense-512"][0]
+        out.append(f"- {best} vs dense-512 after {CONTROL_STEPS} steps: {ratio:.3f}x (target <= 1.03x at equal tokens: "
+                   f"{_status(ratio <= 1.03, seeds)}).")
         if step_seconds and best in step_seconds and "dense-512" in step_seconds:
             dense_steps, dense_loss = _full_dense_at_equal_time(control, best, CONTROL_STEPS, step_seconds)
             out.append(f"- ... at equal training time: dense-512 trains {dense_steps:.0f} steps in the tree's "
                        f"{CONTROL_STEPS}, its validation loss there (within its own {CONTROL_STEPS}-step schedule) "
-                       f"{dense_loss:.3f}: {tree[0] / dense_loss:.3f}x (target <= 1.03x; {seeds} seed(s)).")
+                       f"{dense_loss:.3f}: {tree[0] / dense_loss:.3f}x (target <= 1.03x: "
+                       f"{_status(tree[0] / dense_loss <= 1.03, seeds)}).")
     return out
 
 
@@ -619,14 +631,17 @@ def write_report(root: Path, corpora: list[str], out: Path, command: str) -> Pat
                  "Against the dense FFN of equal neurons per token (seed 0):\n",
                  *_against_equal_dense(ablations + [r for r in main0 if r["seed"] == 0 and r["stage"] == "main"], main0),
                  ""]
-    control = [r for r in rows if r["stage"] == "control"]
-    if control:
-        _plot_curves(control, out / "lm_long_curves_control.png", f"Longer control, {CONTROL_STEPS} steps, seed 0")
-        text += [f"## Longer control ({corpora[0]}, {CONTROL_STEPS} steps = "
-                 f"{CONTROL_STEPS * BATCH * SHAPE['context'] / 1e6:.1f}M tokens; curves: seed 0)\n",
-                 *_rows_table(control), "",
-                 *_control_lines(control, main0, step_seconds), "",
-                 "![validation loss vs tokens](lm_long_curves_control.png)", ""]
+    for corpus in corpora:
+        control = [r for r in rows if r["corpus"] == corpus and r["stage"] == "control"]
+        if control:
+            # the first corpus keeps the plot's original name
+            plot = "lm_long_curves_control.png" if corpus == corpora[0] else f"lm_long_curves_control_{corpus}.png"
+            _plot_curves(control, out / plot, f"Longer control ({corpus}), {CONTROL_STEPS} steps, seed 0")
+            text += [f"## Longer control ({corpus}, {CONTROL_STEPS} steps = "
+                     f"{CONTROL_STEPS * BATCH * SHAPE['context'] / 1e6:.1f}M tokens; curves: seed 0)\n",
+                     *_rows_table(control), "",
+                     *_control_lines(control, main_rows(corpus), step_seconds), "",
+                     f"![validation loss vs tokens]({plot})", ""]
     tune = [r for r in rows if r["stage"] == "tune"]
     if tune:
         text += ["## Learning-rate search\n", "| run | val loss |", "|---|---:|",
