@@ -470,10 +470,10 @@ def _control_lines(control: list[dict], main: list[dict], step_seconds: dict | N
                    f"{_status(ratio <= 1.03, seeds)}).")
         if step_seconds and best in step_seconds and "dense-512" in step_seconds:
             dense_steps, dense_loss = _full_dense_at_equal_time(control, best, CONTROL_STEPS, step_seconds)
+            ratio = tree[0] / dense_loss
             out.append(f"- ... at equal training time: dense-512 trains {dense_steps:.0f} steps in the tree's "
                        f"{CONTROL_STEPS}, its validation loss there (within its own {CONTROL_STEPS}-step schedule) "
-                       f"{dense_loss:.3f}: {tree[0] / dense_loss:.3f}x (target <= 1.03x: "
-                       f"{_status(tree[0] / dense_loss <= 1.03, seeds)}).")
+                       f"{dense_loss:.3f}: {ratio:.3f}x (target <= 1.03x: {_status(ratio <= 1.03, seeds)}).")
     return out
 
 
