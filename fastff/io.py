@@ -17,7 +17,8 @@ Contract:
 - ``load(path)`` rebuilds a serializable model (e.g. a bare ``FFF``) from the file alone.
 - Any other ``nn.Module``: ``load(path, model=skeleton)`` where ``skeleton`` is built by the same
   code as the saved model (its weights are overwritten). Every serializable layer inside must
-  have the same class and constructor arguments as in the file.
+  have the same class and constructor arguments as in the file (an argument the file lacks, added
+  to the class after it was written, counts as its default).
 - Before a single tensor is assigned the whole file is read and checked (checksums, tensor
   names, shapes, dtypes, layer configs); any problem raises ``ValueError`` naming it and the
   model is left untouched. A missing file raises ``FileNotFoundError``.
@@ -110,6 +111,13 @@ def config_of(module: nn.Module) -> dict:
                              f"not a plain value (None, bool, int, float, str or a list of them)")
         config[name] = list(value) if isinstance(value, tuple) else value
     return config
+
+
+def _defaults(cls: type) -> dict:
+    """The constructor arguments of ``cls`` that have a default, with it."""
+    return {name: list(p.default) if isinstance(p.default, tuple) else p.default
+            for name, p in inspect.signature(cls.__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty}
 
 
 def _layer_records(model: nn.Module) -> dict[str, dict]:
@@ -249,7 +257,9 @@ def _mismatches(model: nn.Module, tensors: dict, records: dict, dtypes: bool) ->
         elif own[path]["class"] != records[path]["class"]:
             problems.append(f"{where}: file has a {records[path]['class']}, model a {own[path]['class']}")
         else:
-            a, b = records[path]["config"], own[path]["config"]
+            # an argument added to the class after the file was written reads as its default there
+            a = _defaults(_registry()[own[path]["class"]]) | records[path]["config"]
+            b = own[path]["config"]
             diffs = [f"{k}: file {a.get(k)!r}, model {b.get(k)!r}" for k in sorted(set(a) | set(b))
                      if a.get(k, "<absent>") != b.get(k, "<absent>")]
             if diffs:

@@ -20,6 +20,7 @@ LAYERS = [
     lambda: fastff.NeuronTree(6, 3, 2, trees=2, bias=False),
     lambda: fastff.NeuronTree(6, 3, 1, activation="relu"),
     lambda: fastff.MoE(6, 3, experts=4, expert_width=3, k=2),
+    lambda: fastff.MoE(6, 3, experts=4, expert_width=3, gate="straight-through"),
     lambda: fastff.DenseFF(6, 3, 7, activation="silu"),
 ]
 
@@ -245,6 +246,31 @@ def test_flipped_tensor_byte_is_named(tmp_path):
     path.write_bytes(data[:-3] + bytes([data[-3] ^ 1]) + data[-2:])   # last bytes: the last tensor
     with pytest.raises(ValueError, match=r"corrupted: checksum mismatch in tensor\(s\) \['w2'\]"):
         fastff.load(path)
+
+
+def test_an_argument_added_after_the_file_was_written_counts_as_its_default(tmp_path):
+    """A file whose layer records lack a constructor argument (written before the class had it)
+    loads into a model that has that argument's default, and is refused for another value."""
+    import json
+
+    from safetensors import safe_open
+
+    from fastff.io import _text_digest
+
+    torch.manual_seed(0)
+    model = nn.Sequential(fastff.MoE(6, 3, experts=4, expert_width=3), nn.Linear(3, 2)).eval()
+    fastff.save(model, tmp_path / "new.safetensors")
+    with safe_open(str(tmp_path / "new.safetensors"), "pt") as f:
+        meta, tensors = json.loads(f.metadata()["fastff"]), {k: f.get_tensor(k) for k in f.keys()}
+    del meta["layers"]["0"]["config"]["gate"]                # as written before MoE had a gate
+    text = json.dumps(meta)
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata={"fastff": text, "fastff_sha256": _text_digest(text)})
+    twin = nn.Sequential(fastff.MoE(6, 3, experts=4, expert_width=3), nn.Linear(3, 2)).eval()
+    x = torch.randn(5, 6)
+    assert torch.equal(fastff.load(tmp_path / "old.safetensors", model=twin)(x), model(x))
+    other = nn.Sequential(fastff.MoE(6, 3, experts=4, expert_width=3, gate="straight-through"), nn.Linear(3, 2))
+    with pytest.raises(ValueError, match="gate: file 'softmax', model 'straight-through'"):
+        fastff.load(tmp_path / "old.safetensors", model=other)
 
 
 def test_not_a_fastff_file_and_missing_file(tmp_path):

@@ -219,17 +219,21 @@ def test_neuron_tree_depth0_is_dense_ff(trees):
         torch.testing.assert_close(n(x), d(x))
 
 
+@pytest.mark.parametrize("gate", ["softmax", "straight-through"])
 @pytest.mark.parametrize("k", [1, 2])
-def test_moe_matches_dense_topk_reference(k):
+def test_moe_matches_dense_topk_reference(k, gate):
     torch.manual_seed(6)
-    m = fastff.MoE(5, 3, experts=4, expert_width=6, k=k).double()
+    m = fastff.MoE(5, 3, experts=4, expert_width=6, k=k, gate=gate).double()
     x = torch.randn(2, 7, 5, dtype=torch.float64)
     x2 = x.reshape(-1, 5)
     probs = torch.softmax(m.router(x2), -1)
     expected = torch.zeros(14, 3, dtype=torch.float64)
     for b in range(14):
         top = probs[b].topk(k)
-        w = top.values / top.values.sum() if k > 1 else top.values
+        if gate == "straight-through":
+            w = torch.full((k,), 1.0 / k, dtype=torch.float64)
+        else:
+            w = top.values / top.values.sum() if k > 1 else top.values
         for g, e in zip(w, top.indices):
             h = torch.nn.functional.gelu(x2[b] @ m.w1[e] + m.b1[e])
             expected[b] += g * (h @ m.w2[e] + m.b2[e])
@@ -237,6 +241,31 @@ def test_moe_matches_dense_topk_reference(k):
         mode()
         torch.testing.assert_close(m(x).reshape(-1, 3), expected)
     assert m.neurons_per_inference == 4 + k * 6
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_moe_straight_through_gate_gives_the_router_the_log_probability_gradient(k):
+    """The router's gradient of the straight-through MoE equals that of the surrogate
+    sum over rows and chosen experts of log p · <upstream, expert output> / k."""
+    torch.manual_seed(9)
+    m = fastff.MoE(5, 3, experts=4, expert_width=6, k=k, gate="straight-through").double()
+    x, up = torch.randn(11, 5, dtype=torch.float64), torch.randn(11, 3, dtype=torch.float64)
+    (m(x) * up).sum().backward()
+    got = m.router.weight.grad.clone()
+    m.router.weight.grad = None
+    log_p = torch.log_softmax(m.router(x), -1)
+    chosen = log_p.topk(k, dim=-1).indices                                     # (B, k)
+    with torch.no_grad():
+        h = torch.nn.functional.gelu(torch.einsum("bi,bkih->bkh", x, m.w1[chosen]) + m.b1[chosen])     # (B, k, H)
+        out = torch.einsum("bkh,bkho->bko", h, m.w2[chosen]) + m.b2[chosen]                          # (B, k, out)
+        value = torch.einsum("bko,bo->bk", out, up)                          # <upstream, expert output>
+    (log_p.gather(1, chosen) * value / k).sum().backward()
+    torch.testing.assert_close(got, m.router.weight.grad)
+
+
+def test_moe_rejects_an_unknown_gate():
+    with pytest.raises(ValueError, match="gate"):
+        fastff.MoE(5, 3, experts=4, expert_width=6, gate="path")
 
 
 @pytest.mark.parametrize("make", [lambda: fastff.FFF(7, 3, 3, 4, master_leaf="token", usage="soft"),

@@ -89,10 +89,11 @@ def test_control_lines_judge_the_longer_runs_against_the_main_rows_seed_noise():
                {"variant": "dense-48", "val_loss": 1.62, "neurons_per_token": 48}]
     lines = _control_lines(control, main)
     assert f"- moe-16x32: 1.600 after {CONTROL_STEPS} steps (1 seed(s)), 1.700 after {STEPS} (3 seed(s)): -0.100." in lines
-    assert lines[-1].endswith("+0.020 nats for MoE (1 seed(s); seed std at 5000 steps 0.020: "
+    assert lines[-1].endswith("+0.020 nats for MoE (1 seed(s); per seed +0.020; seed std at 5000 steps 0.020: "
                               "still NOT capacity-bound by this control).")
     control[0]["val_loss"] = 1.55
-    assert _control_lines(control, main)[-1].endswith("(1 seed(s); seed std at 5000 steps 0.020: capacity-bound).")
+    assert _control_lines(control, main)[-1].endswith("(1 seed(s); per seed +0.070; seed std at 5000 steps 0.020: "
+                                                      "capacity-bound).")
     control += [{"variant": "nt-2x9-gate-node-balance", "val_loss": 1.545, "neurons_per_token": 20},
                 {"variant": "dense-512", "val_loss": 1.5, "neurons_per_token": 512,
                  "history": [{"step": 0, "val_loss": 4.0}, {"step": CONTROL_STEPS, "val_loss": 1.5}]},
@@ -116,8 +117,23 @@ def test_control_lines_use_the_controls_own_seed_noise_and_means():
     lines = _control_lines(control, main)
     assert f"- moe-16x32: 1.540 ± 0.014 after {CONTROL_STEPS} steps (2 seed(s)), 1.700 after {STEPS} (3 seed(s)): " \
            "-0.160." in lines
-    assert lines[-1] == (f"- Control after {CONTROL_STEPS} steps: MoE 16x32 top-1 1.540 vs dense-48 1.620: +0.080 nats "
-                         f"for MoE (2 seed(s); seed std at {CONTROL_STEPS} steps 0.028: capacity-bound).")
+    assert lines[-1] == (f"- Control after {CONTROL_STEPS} steps: moe-16x32 1.540 vs dense-48 1.620: +0.080 nats "
+                         f"for MoE (2 seed(s); per seed +0.070 / +0.090; seed std at {CONTROL_STEPS} steps 0.028: "
+                         "capacity-bound).")
+
+
+def test_control_lines_hold_every_moe_against_dense_48_at_every_lr_tried():
+    main = [{"variant": v, "val_loss": 1.7, "seed": i} for v in ("moe-16x32", "dense-48") for i in range(3)]
+    control = [{"variant": v, "val_loss": loss, "neurons_per_token": 48, "seed": i}
+               for v, losses in (("moe-16x32", (1.60, 1.50)), ("dense-48", (1.60, 1.60)),
+                                 ("moe-16x32-lr2e-3", (1.50, 1.52)), ("dense-48-lr2e-3", (1.56, 1.58)))
+               for i, loss in enumerate(losses)]
+    lines = [line for line in _control_lines(control, main) if line.startswith("- Control")]
+    assert [line.split(": ")[1] for line in lines] == [
+        "moe-16x32 1.550 vs dense-48 1.600", "moe-16x32 1.550 vs dense-48-lr2e-3 1.570",
+        "moe-16x32-lr2e-3 1.510 vs dense-48 1.600", "moe-16x32-lr2e-3 1.510 vs dense-48-lr2e-3 1.570"]
+    assert "per seed +0.000 / +0.100; seed std at 15000 steps 0.071: still NOT capacity-bound" in lines[0]
+    assert "per seed +0.060 / +0.060; seed std at 15000 steps 0.014: capacity-bound" in lines[3]
 
 
 def test_a_tree_is_measured_against_the_narrowest_dense_ffn_with_at_least_its_neurons():
@@ -128,6 +144,9 @@ def test_a_tree_is_measured_against_the_narrowest_dense_ffn_with_at_least_its_ne
     assert _equal_dense(rows, "nt-3x9-gate-node-balance") == "dense-32"
     assert _equal_dense(rows, "dense-20") == "dense-20"
     assert _equal_dense(rows[:2], "nt-3x9-gate-node-balance") is None
+    # a dense FFN trained at another lr is not a width of its own
+    rows[2] = {"variant": "dense-32-lr2e-3", "neurons_per_token": 32}
+    assert _equal_dense(rows, "nt-3x9-gate-node-balance") == "dense-48"
 
 
 def test_verdicts_hold_the_tree_picked_on_the_first_corpus_against_the_dense_ffn_of_at_least_its_neurons():

@@ -461,7 +461,8 @@ def test_lm_train_with_the_tree_options(tmp_path):
     ("neuron-tree", [], "path", 0.01),                          # the long regime's winning remedy is the default
     ("neuron-tree", ["--gate", "none", "--balance", "0"], "none", 0.0),
     ("neuron-tree", ["--gate", "straight-through"], "straight-through", 0.01),
-    ("moe", [], None, 0.01), ("dense", [], None, 0.0)])
+    ("moe", [], "softmax", 0.01), ("moe", ["--gate", "straight-through"], "straight-through", 0.01),
+    ("dense", [], None, 0.0)])
 def test_lm_train_defaults_to_the_path_gate_and_balance(tmp_path, ffn, flags, gate, balance):
     (tmp_path / "t.txt").write_text("to be or not to be, that is the question. " * 60)
     out = tmp_path / "run"
@@ -471,3 +472,13 @@ def test_lm_train_defaults_to_the_path_gate_and_balance(tmp_path, ffn, flags, ga
                  "--eval-batches", "1", "--capacity-tokens", "0", "--out", str(out), "--quiet"]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["model"]["ffn_options"].get("gate") == gate and config["train"]["balance"] == balance
+
+
+def test_lm_train_refuses_a_gate_of_another_family(tmp_path):
+    """--gate is shared by neuron-tree and moe, each with its own values: a tree's gate given to a
+    MoE is an error naming the MoE's."""
+    (tmp_path / "t.txt").write_text("to be or not to be, that is the question. " * 60)
+    with pytest.raises(ValueError, match="moe option 'gate' must be one of 'softmax', 'straight-through'; got 'path'"):
+        main(["lm", "train", "--text", str(tmp_path / "t.txt"), "--ffn", "moe", "--width", "8", "--gate", "path",
+              "--layers", "1", "--dim", "8", "--heads", "2", "--context", "8", "--steps", "2", "--batch", "2",
+              "--out", str(tmp_path / "run"), "--quiet"])

@@ -72,13 +72,20 @@ def add_ffn_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> N
                 seen.setdefault(o.name, []).append((fam, o))
     for name, uses in seen.items():
         o = uses[0][1]
-        owners = ", ".join(f.name for f, _ in uses)
-        kwargs = dict(default=None, dest=f"{PREFIX}{name}", help=f"[{owners}] {o.help}"
-                      + ("" if o.default is None else f" (default {o.default})"))
+        # families sharing an option name may mean different things by it: one help per meaning,
+        # every family's values allowed (the family itself refuses a value that is not its own)
+        meanings: dict[tuple, list[str]] = {}
+        for f, u in uses:
+            meanings.setdefault((u.help, u.default), []).append(f.name)
+        help_text = "; ".join(f"[{', '.join(owners)}] {h}" + ("" if d is None else f" (default {d})")
+                              for (h, d), owners in meanings.items())
+        kwargs = dict(default=None, dest=f"{PREFIX}{name}", help=help_text)
         if o.type is bool:
             p.add_argument(_flag(name), action=argparse.BooleanOptionalAction, **kwargs)
         else:
-            p.add_argument(_flag(name), type=o.type, choices=o.choices, **kwargs)
+            choices = None if any(u.choices is None for _, u in uses) else list(dict.fromkeys(
+                c for _, u in uses for c in u.choices))
+            p.add_argument(_flag(name), type=o.type, choices=choices, **kwargs)
 
 
 def given_ffn_options(args: argparse.Namespace) -> dict:

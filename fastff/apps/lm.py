@@ -36,9 +36,11 @@ from .timing import median_times
 
 BENCH_FFNS = (*FAMILIES, *(f"{name}-int8" for name in FAMILIES), "no-ffn")
 DEFAULT_BENCH_FFNS = ("dense", "dense-int8", "neuron-tree", "neuron-tree-int8", "fff", "moe", "no-ffn")
-# the LM commands' defaults for options a family has (the rest are the family's own); gate="path":
-# the NeuronTree remedy that won the long regime's ablations (with the node-balance loss, LM_BALANCE)
-LM_DEFAULTS = {"activation": "gelu", "train_mode": "hard_path", "gate": "path"}
+# the LM commands' defaults for options a family has (the rest are the family's own), for every
+# family and per family; neuron-tree gate="path": the remedy that won the long regime's ablations
+# (with the node-balance loss, LM_BALANCE)
+LM_DEFAULTS = {"activation": "gelu", "train_mode": "hard_path"}
+LM_FAMILY_DEFAULTS = {"neuron-tree": {"gate": "path"}}
 # `lm train --balance` default for the families that record a balance loss (FFF / MoE load
 # balancing, NeuronTree node balance); 0 for the others
 LM_BALANCE = 0.01
@@ -63,7 +65,8 @@ def ffn_fields(args, ffn: str, strict: bool = True) -> dict:
     width = args.width or 4 * args.dim
     fam = family(ffn)
     return dict(ffn=fam.name, ffn_width=width,
-                ffn_options=fam.resolve(width, ffn_options(args, ffn, strict), defaults=LM_DEFAULTS))
+                ffn_options=fam.resolve(width, ffn_options(args, ffn, strict),
+                                        defaults=LM_DEFAULTS | LM_FAMILY_DEFAULTS.get(fam.name, {})))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

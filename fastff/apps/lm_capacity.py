@@ -54,6 +54,11 @@ VARIANTS = {
     "dense-20": ("dense-small", dict(ffn="dense", ffn_width=20), {}),
     # MoE control: 16 experts of 32, top-1: 16 router + 32 expert neurons per token (= dense-48)
     "moe-16x32": ("moe", dict(ffn="moe", ffn_width=512, ffn_options=dict(leaf=32, top_k=1)), dict(balance=0.01)),
+    # the MoE control at half its tuned lr (tuned on 1000 steps, one step below the lr that diverged)
+    "moe-16x32-lr2e-3": ("moe", dict(ffn="moe", ffn_width=512, ffn_options=dict(leaf=32, top_k=1)),
+                         dict(balance=0.01, lr=2e-3)),
+    # its rival at the same lr (is 2e-3 better for a narrow dense FFN too, when trained this long?)
+    "dense-48-lr2e-3": ("dense-small", dict(ffn="dense", ffn_width=48), dict(lr=2e-3)),
     "neuron-tree-1x9": ("neuron-tree", dict(ffn="neuron-tree", ffn_width=1023, ffn_options=dict(depth=9)), {}),
     "neuron-tree-2x9": ("neuron-tree", dict(ffn="neuron-tree", ffn_width=2046, ffn_options=dict(trees=2, depth=9)),
                         {}),
@@ -145,7 +150,8 @@ ABLATIONS = {
 # the longer control: the MoE control against its dense FFN of equal active neurons, the best tree
 # against the full dense FFN and the dense FFN of its neurons per token
 CONTROL = ("moe-16x32", "dense-48", "nt-2x9-gate-node-balance", "nt-3x9-gate-node-balance", "dense-512", "dense-20",
-           "dense-32")
+           "dense-32", "moe-16x32-lr2e-3", "dense-48-lr2e-3")
+MOE_CONTROLS = tuple(name for name in CONTROL if VARIANTS.get(name, ("",))[0] == "moe")
 CONTROL_FACTOR = 3                    # the control trains this many times the main rows' steps
 CONTROL_STEPS = CONTROL_FACTOR * STEPS
 STAGES = ("tune", "main", "ablation", "control", "steptime", "front", "report")
@@ -440,18 +446,20 @@ def _control_lines(control: list[dict], main: list[dict], step_seconds: dict | N
             out.append(f"- {v}: {mean_std([r['val_loss'] for r in control if r['variant'] == v])} after "
                        f"{CONTROL_STEPS} steps ({n} seed(s)), {short[v][0]:.3f} after {STEPS} ({short[v][2]} seed(s)): "
                        f"{loss - short[v][0]:+.3f}.")
-    if "moe-16x32" in longer and "dense-48" in longer:
-        moe, dense48 = longer["moe-16x32"], longer["dense-48"]
+    rivals = [v for v in longer if v == "dense-48" or v.startswith("dense-48-")]    # dense-48 at each lr tried
+    for name, rival in ((m, d) for m in MOE_CONTROLS if m in longer for d in rivals):
+        moe, dense48 = longer[name], longer[rival]
         gap, seeds = dense48[0] - moe[0], min(moe[2], dense48[2])
         if seeds > 1:                       # the control's own seed noise
             noise, at = max(moe[1], dense48[1]), CONTROL_STEPS
         else:                               # else the main rows'
-            noise = max((m[1] for m in (short["moe-16x32"], short["dense-48"]) if m and m[2] > 1), default=None)
+            noise = max((m[1] for m in (short[name], short["dense-48"]) if m and m[2] > 1), default=None)
             at = STEPS
         verdict = ("no seed noise measured" if noise is None else f"seed std at {at} steps {noise:.3f}: " +
                    ("capacity-bound" if gap > noise else "still NOT capacity-bound by this control"))
-        out.append(f"- Control after {CONTROL_STEPS} steps: MoE 16x32 top-1 {moe[0]:.3f} vs dense-48 {dense48[0]:.3f}: "
-                   f"{gap:+.3f} nats for MoE ({seeds} seed(s); {verdict}).")
+        per_seed = " / ".join(f"{d - m:+.3f}" for m, d in _paired(control, name, rival))
+        out.append(f"- Control after {CONTROL_STEPS} steps: {name} {moe[0]:.3f} vs {rival} {dense48[0]:.3f}: "
+                   f"{gap:+.3f} nats for MoE ({seeds} seed(s); per seed {per_seed}; {verdict}).")
     trees = [v for v in longer if _is_tree(v)]
     best = min(trees, key=lambda v: longer[v][0]) if trees else None
     if best is None:
@@ -477,13 +485,19 @@ def _control_lines(control: list[dict], main: list[dict], step_seconds: dict | N
     return out
 
 
+def _paired(rows: list[dict], a: str, b: str) -> list[tuple[float, float]]:
+    """(validation loss of ``a``, of ``b``) for each seed both have, by seed."""
+    loss = {(r["variant"], r.get("seed", 0)): r["val_loss"] for r in rows}
+    return [(loss[a, s], loss[b, s]) for s in sorted({s for v, s in loss if v == a}) if (b, s) in loss]
+
+
 def _equal_dense(rows: list[dict], variant: str) -> str | None:
     """The narrowest dense variant among ``rows`` narrower than the full dense FFN with at least the
     neurons per token of ``variant`` (its dense FFN of equal active neurons, or the next wider one
     trained): None if there is none."""
     n = next(r["neurons_per_token"] for r in rows if r["variant"] == variant)
     dense = {r["variant"]: r["neurons_per_token"] for r in rows
-             if r["variant"].startswith("dense-") and n <= r["neurons_per_token"] < FULL_DENSE}
+             if r["variant"] == f"dense-{r['neurons_per_token']}" and n <= r["neurons_per_token"] < FULL_DENSE}
     return min(dense, key=dense.get) if dense else None
 
 

@@ -31,7 +31,7 @@ from .._checks import check_choice
 from ..functional import ACTIVATIONS, GATES, fff_depth, hard_path, n_nodes, neuron_tree_walk, tree_routing_logits, tree_size
 from .dense import DenseFF
 from .fff import FFF
-from .moe import MoE
+from .moe import MOE_GATES, MoE
 from .neuron_tree import NeuronTree
 from .product_key import ProductKeyFF
 
@@ -354,7 +354,7 @@ def _moe_check(width: int, o: dict) -> None:
 
 
 def _moe_make(i, out, width, o, **runtime):
-    return MoE(i, out, width // o["leaf"], o["leaf"], o["top_k"], o["activation"], **runtime)
+    return MoE(i, out, width // o["leaf"], o["leaf"], o["top_k"], o["activation"], o["gate"], **runtime)
 
 
 def _dense_make(i, out, width, o, **runtime):
@@ -405,7 +405,10 @@ register(Family(
 
 register(Family(
     "moe", MoE,
-    (LEAF, Option("top_k", int, 1, "experts per row", low=1), _activation("gelu")),
+    (LEAF, Option("top_k", int, 1, "experts per row", low=1), _activation("gelu"),
+     Option("gate", str, "softmax", "softmax: weight the chosen experts by their router probabilities (Switch); "
+                                    "straight-through: 1/k each in value, the router's gradient kept",
+            choices=MOE_GATES)),
     _moe_make, lambda width, o: Geometry(width, width // o["leaf"] + o["top_k"] * o["leaf"]),
     "top-k mixture of width/leaf experts of leaf neurons", aux_losses=("balance",), routing=_moe_routing,
     check_width=_moe_check))

@@ -7,16 +7,23 @@ import torch
 from torch import nn
 
 from .._checks import check_choice, check_int
-from ..functional import ACTIVATIONS, get_activation
+from ..functional import ACTIVATIONS, get_activation, straight_through_gate
 from ._base import RoutedLayer, batch_mean
+
+# How the chosen experts are weighted: "softmax" (their router probabilities, renormalised for k > 1),
+# "straight-through" (each 1/k in value, with the gradient of log probability reaching the router).
+MOE_GATES = ("softmax", "straight-through")
 
 
 class MoE(RoutedLayer):
     """``experts`` MLPs ``in -> expert_width -> out``; a linear router picks the top ``k`` per row.
 
-    Gate weights are the router softmax probabilities of the chosen experts, renormalised to
-    sum to 1 when ``k > 1`` (for ``k = 1`` the raw probability is kept so the router learns,
-    as in Switch). Only the chosen experts are evaluated (rows grouped per expert).
+    ``gate="softmax"``: the chosen experts are weighted by their router softmax probabilities,
+    renormalised to sum to 1 when ``k > 1`` (for ``k = 1`` the raw probability is kept so the
+    router learns, as in Switch). ``gate="straight-through"``: each chosen expert weighs 1/k in
+    value (``straight_through_gate`` of its probability, / k), so a top-1 expert's output is not
+    shrunk by an unsure router, while the router still gets the gradient of log probability.
+    Only the chosen experts are evaluated (rows grouped per expert).
     x (..., in_features) -> (..., out_features). Parameters: router (Linear in -> E),
     w1 (E, in, H), b1 (E, H), w2 (E, H, out), b2 (E, out).
     """
@@ -24,7 +31,7 @@ class MoE(RoutedLayer):
     _reference = "w1"
 
     def __init__(self, in_features: int, out_features: int, experts: int, expert_width: int,
-                 k: int = 1, activation: str = "gelu"):
+                 k: int = 1, activation: str = "gelu", gate: str = "softmax"):
         super().__init__()
         self.in_features = check_int("in_features", in_features, 1)
         self.out_features = check_int("out_features", out_features, 1)
@@ -32,6 +39,7 @@ class MoE(RoutedLayer):
         self.expert_width = check_int("expert_width", expert_width, 1)
         self.k = check_int("k", k, 1, experts)
         self.activation = check_choice("activation", activation, tuple(ACTIVATIONS))
+        self.gate = check_choice("gate", gate, MOE_GATES)
         E, H = experts, expert_width
         self.router = nn.Linear(in_features, E)
         b_in, b_out = 1 / math.sqrt(in_features), 1 / math.sqrt(H)
@@ -52,7 +60,9 @@ class MoE(RoutedLayer):
     def _forward_2d(self, x: torch.Tensor) -> torch.Tensor:
         probs = torch.softmax(self.router(x), dim=-1)                  # (B, E)
         gate, chosen = probs.topk(self.k, dim=-1)                      # (B, k)
-        if self.k > 1:
+        if self.gate == "straight-through":
+            gate = straight_through_gate(gate) / self.k
+        elif self.k > 1:
             gate = gate / gate.sum(-1, keepdim=True)
         act = get_activation(self.activation)
         y = x.new_zeros(x.shape[0], self.out_features)
@@ -70,4 +80,4 @@ class MoE(RoutedLayer):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, experts={self.experts}, "
-                f"expert_width={self.expert_width}, k={self.k}, activation={self.activation!r}")
+                f"expert_width={self.expert_width}, k={self.k}, activation={self.activation!r}, gate={self.gate!r}")
