@@ -82,7 +82,7 @@ def test_at_step_interpolates_the_history():
     assert _at_step(history, 1000) == 1.0 and _at_step(history, -5) == 4.0
 
 
-def test_control_lines_judge_the_longer_runs_against_the_main_rows_seed_noise():
+def test_control_lines_judge_the_longer_runs_against_the_main_rows_seed_noise(monkeypatch):
     main = [{"variant": v, "val_loss": loss, "seed": i} for v, losses in
             (("moe-16x32", (1.70, 1.69, 1.71)), ("dense-48", (1.67, 1.65, 1.69))) for i, loss in enumerate(losses)]
     control = [{"variant": "moe-16x32", "val_loss": 1.60, "neurons_per_token": 48},
@@ -103,6 +103,12 @@ def test_control_lines_judge_the_longer_runs_against_the_main_rows_seed_noise():
         "+0.05: met so far, 1 of 3 seeds).",
         f"- nt-2x9-gate-node-balance vs dense-512 after {CONTROL_STEPS} steps: 1.030x (target <= 1.03x at equal "
         "tokens: met so far, 1 of 3 seeds)."]
+    # its dense rival at another lr is judged too
+    import fastff.apps.lm_capacity as capacity
+    monkeypatch.setitem(capacity.VARIANTS, "dense-20-lr2e-3", capacity.VARIANTS["dense-20"][:2] + (dict(lr=2e-3),))
+    with_lr = control + [{"variant": "dense-20-lr2e-3", "val_loss": 1.58, "neurons_per_token": 20}]
+    assert (f"- nt-2x9-gate-node-balance vs dense-20-lr2e-3 after {CONTROL_STEPS} steps: +0.035 nats for the tree "
+            "(target >= +0.05: missed so far, 1 of 3 seeds).") in _control_lines(with_lr, main)
     # the tree steps twice as fast: dense-512 trains half the steps in its time, at 2.75 on that history
     assert _control_lines(control, main, {"nt-2x9-gate-node-balance": 0.1, "dense-512": 0.2})[-1] == (
         f"- ... at equal training time: dense-512 trains {CONTROL_STEPS // 2} steps in the tree's {CONTROL_STEPS}, its "

@@ -57,8 +57,10 @@ VARIANTS = {
     # the MoE control at half its tuned lr (tuned on 1000 steps, one step below the lr that diverged)
     "moe-16x32-lr2e-3": ("moe", dict(ffn="moe", ffn_width=512, ffn_options=dict(leaf=32, top_k=1)),
                          dict(balance=0.01, lr=2e-3)),
-    # its rival at the same lr (is 2e-3 better for a narrow dense FFN too, when trained this long?)
+    # its rival at the same lr (is 2e-3 better for a narrow dense FFN too, when trained this long?),
+    # and the 3-tree recipe's rival at it
     "dense-48-lr2e-3": ("dense-small", dict(ffn="dense", ffn_width=48), dict(lr=2e-3)),
+    "dense-32-lr2e-3": ("dense-small", dict(ffn="dense", ffn_width=32), dict(lr=2e-3)),
     "neuron-tree-1x9": ("neuron-tree", dict(ffn="neuron-tree", ffn_width=1023, ffn_options=dict(depth=9)), {}),
     "neuron-tree-2x9": ("neuron-tree", dict(ffn="neuron-tree", ffn_width=2046, ffn_options=dict(trees=2, depth=9)),
                         {}),
@@ -150,7 +152,7 @@ ABLATIONS = {
 # the longer control: the MoE control against its dense FFN of equal active neurons, the best tree
 # against the full dense FFN and the dense FFN of its neurons per token
 CONTROL = ("moe-16x32", "dense-48", "nt-2x9-gate-node-balance", "nt-3x9-gate-node-balance", "dense-512", "dense-20",
-           "dense-32", "moe-16x32-lr2e-3", "dense-48-lr2e-3")
+           "dense-32", "moe-16x32-lr2e-3", "dense-48-lr2e-3", "dense-32-lr2e-3")
 MOE_CONTROLS = tuple(name for name in CONTROL if VARIANTS.get(name, ("",))[0] == "moe")
 CONTROL_FACTOR = 3                    # the control trains this many times the main rows' steps
 CONTROL_STEPS = CONTROL_FACTOR * STEPS
@@ -446,7 +448,7 @@ def _control_lines(control: list[dict], main: list[dict], step_seconds: dict | N
             out.append(f"- {v}: {mean_std([r['val_loss'] for r in control if r['variant'] == v])} after "
                        f"{CONTROL_STEPS} steps ({n} seed(s)), {short[v][0]:.3f} after {STEPS} ({short[v][2]} seed(s)): "
                        f"{loss - short[v][0]:+.3f}.")
-    rivals = [v for v in longer if v == "dense-48" or v.startswith("dense-48-")]    # dense-48 at each lr tried
+    rivals = sorted(v for v in longer if v == "dense-48" or v.startswith("dense-48-"))    # dense-48 at each lr tried
     for name, rival in ((m, d) for m in MOE_CONTROLS if m in longer for d in rivals):
         moe, dense48 = longer[name], longer[rival]
         gap, seeds = dense48[0] - moe[0], min(moe[2], dense48[2])
@@ -466,10 +468,10 @@ def _control_lines(control: list[dict], main: list[dict], step_seconds: dict | N
         return out
     tree = longer[best]
     equal = _equal_dense(control, best)
-    if equal:
-        seeds = min(tree[2], longer[equal][2])
-        gap = longer[equal][0] - tree[0]
-        out.append(f"- {best} vs {equal} after {CONTROL_STEPS} steps: {gap:+.3f} nats for the tree (target >= +0.05: "
+    for rival in ([equal, *(v for v in sorted(longer) if v.startswith(f"{equal}-lr"))] if equal else []):
+        seeds = min(tree[2], longer[rival][2])           # its dense rival at every lr tried
+        gap = longer[rival][0] - tree[0]
+        out.append(f"- {best} vs {rival} after {CONTROL_STEPS} steps: {gap:+.3f} nats for the tree (target >= +0.05: "
                    f"{_status(gap >= 0.05, seeds)}).")
     if "dense-512" in longer:
         seeds = min(tree[2], longer["dense-512"][2])
