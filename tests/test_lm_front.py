@@ -140,6 +140,11 @@ def test_control_lines_hold_every_moe_against_dense_48_at_every_lr_tried():
         "moe-16x32-lr2e-3 1.510 vs dense-48 1.600", "moe-16x32-lr2e-3 1.510 vs dense-48-lr2e-3 1.570"]
     assert "per seed +0.000 / +0.100; seed std at 15000 steps 0.071: still NOT capacity-bound" in lines[0]
     assert "per seed +0.060 / +0.060; seed std at 15000 steps 0.014: capacity-bound" in lines[3]
+    # a single seed of an MoE and of dense-48 at another lr only: the main rows' dense-48 noise
+    lines = _control_lines([r for r in control if r["variant"] in ("moe-16x32-lr2e-3", "dense-48-lr2e-3")
+                            and r["seed"] == 0], main)
+    assert lines[-1].endswith("+0.060 nats for MoE (1 seed(s); per seed +0.060; seed std at 5000 steps 0.000: "
+                              "capacity-bound).")
 
 
 def test_a_tree_is_measured_against_the_narrowest_dense_ffn_with_at_least_its_neurons():

@@ -455,7 +455,7 @@ def _control_lines(control: list[dict], main: list[dict], step_seconds: dict | N
         if seeds > 1:                       # the control's own seed noise
             noise, at = max(moe[1], dense48[1]), CONTROL_STEPS
         else:                               # else the main rows'
-            noise = max((m[1] for m in (short[name], short["dense-48"]) if m and m[2] > 1), default=None)
+            noise = max((m[1] for m in (short[name], _mean(main, "dense-48")) if m and m[2] > 1), default=None)
             at = STEPS
         verdict = ("no seed noise measured" if noise is None else f"seed std at {at} steps {noise:.3f}: " +
                    ("capacity-bound" if gap > noise else "still NOT capacity-bound by this control"))
