@@ -448,7 +448,7 @@ def _control_lines(control: list[dict], main: list[dict], step_seconds: dict | N
             out.append(f"- {v}: {mean_std([r['val_loss'] for r in control if r['variant'] == v])} after "
                        f"{CONTROL_STEPS} steps ({n} seed(s)), {short[v][0]:.3f} after {STEPS} ({short[v][2]} seed(s)): "
                        f"{loss - short[v][0]:+.3f}.")
-    rivals = sorted(v for v in longer if v == "dense-48" or v.startswith("dense-48-"))    # dense-48 at each lr tried
+    rivals = _at_every_lr(longer, "dense-48")
     for name, rival in ((m, d) for m in MOE_CONTROLS if m in longer for d in rivals):
         moe, dense48 = longer[name], longer[rival]
         gap, seeds = dense48[0] - moe[0], min(moe[2], dense48[2])
@@ -468,8 +468,8 @@ def _control_lines(control: list[dict], main: list[dict], step_seconds: dict | N
         return out
     tree = longer[best]
     equal = _equal_dense(control, best)
-    for rival in ([equal, *(v for v in sorted(longer) if v.startswith(f"{equal}-lr"))] if equal else []):
-        seeds = min(tree[2], longer[rival][2])           # its dense rival at every lr tried
+    for rival in (_at_every_lr(longer, equal) if equal else []):
+        seeds = min(tree[2], longer[rival][2])
         gap = longer[rival][0] - tree[0]
         out.append(f"- {best} vs {rival} after {CONTROL_STEPS} steps: {gap:+.3f} nats for the tree (target >= +0.05: "
                    f"{_status(gap >= 0.05, seeds)}).")
@@ -485,6 +485,11 @@ def _control_lines(control: list[dict], main: list[dict], step_seconds: dict | N
                        f"{CONTROL_STEPS}, its validation loss there (within its own {CONTROL_STEPS}-step schedule) "
                        f"{dense_loss:.3f}: {ratio:.3f}x (target <= 1.03x: {_status(ratio <= 1.03, seeds)}).")
     return out
+
+
+def _at_every_lr(variants, base: str) -> list[str]:
+    """``base`` and its variants at another lr (``{base}-lr...``) among ``variants``, sorted."""
+    return sorted(v for v in variants if v == base or v.startswith(f"{base}-lr"))
 
 
 def _paired(rows: list[dict], a: str, b: str) -> list[tuple[float, float]]:
